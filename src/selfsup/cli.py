@@ -1,0 +1,100 @@
+"""The `selfsup` command: train, eval, recipes. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsup.config import ConfigError, build_config, recipe_names
+
+USAGE = """selfsup train METHOD [key=value ...]   train a method, then evaluate it (e.g. selfsup train simclr epochs=2)
+selfsup eval RUN_DIR [key=value ...]    evaluate a finished or interrupted run
+selfsup recipes                         list methods and recipes with the cookbook section each comes from"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup", usage=USAGE,
+                                description="The Cookbook of Self-Supervised Learning as software.")
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="train a method")
+    t.add_argument("method")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=10 optim.base_lr=0.5 data=folder")
+    t.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    e = sub.add_parser("eval", help="evaluate a run directory")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*")
+    sub.add_parser("recipes", help="list methods and recipes")
+    return p
+
+
+def cmd_recipes() -> int:
+    from importlib import resources
+
+    import yaml
+
+    from selfsup.methods import REGISTRY
+
+    for name, entry in sorted(REGISTRY.items()):
+        print(f"{name:10s} {entry.family}: {entry.summary}  [cookbook {entry.cookbook}]")
+        for r in recipe_names(name):
+            meta = yaml.safe_load((resources.files("selfsup") / "recipes" / name / f"{r}.yaml").read_text()) or {}
+            print(f"  recipe={r:14s} {meta.get('description', '')}  [cookbook {meta.get('cookbook', '-')}]")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from selfsup.methods import get_method
+
+    try:
+        entry = get_method(args.method)
+    except KeyError as e:
+        print(f"selfsup: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        cfg = build_config(args.method, args.overrides, params_cls=entry.params_cls)
+    except ConfigError as e:
+        print(f"selfsup: config error: {e}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from selfsup.data.datasets import DataError
+    from selfsup.train import train
+
+    try:
+        train(cfg)
+    except DataError as e:
+        print(f"selfsup: data error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from selfsup.evaluate.run import evaluate_run, load_run_config
+
+    try:
+        cfg = load_run_config(args.run_dir, args.overrides)
+    except ConfigError as e:
+        print(f"selfsup: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"selfsup: {e}", file=sys.stderr)
+        return 2
+    evaluate_run(args.run_dir, cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "recipes":
+        return cmd_recipes()
+    _parser().print_help()
+    return 2

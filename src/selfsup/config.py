@@ -1,0 +1,318 @@
+"""Typed configuration: dataclass defaults -> a recipe YAML shipped in the package -> `key=value` overrides.
+
+Plain dataclasses plus ~100 lines of validation rather than pydantic/Hydra/OmegaConf: no extra dependency, no API churn,
+and the error we want (unknown key -> the closest valid key, wrong type -> the expected type, exit code 2 before any
+work) is easy to get exactly right. Method-specific settings live in a section named after the method
+(`simclr.temperature=0.2`), typed by the dataclass the method registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe name, key or value. The CLI turns it into exit code 2 before any work is done."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"           # fashion_mnist | mnist | cifar10 | cifar100 | stl10 | folder
+    root: str | None = None               # explicit data folder; else $SELFSUP_DATA, standard places, download
+    train_split: str = "train"
+    test_split: str | None = "test"       # None: no labelled evaluation split
+    image_size: int | None = None         # folder only: images are resized once to this size and cached
+    on_error: str = "skip"                # folder only: skip (and count) or raise on unreadable files
+    download: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"            # resnet10/18/34/50, vit_tiny/small/base, timm:<name>
+    width: int = 64                       # ResNet base width (64 = the standard ResNet)
+    stem: str = "cifar"                   # cifar | imagenet | small (ResNet only)
+    patch_size: int = 4                   # ViT only
+    pool: str = "cls"                     # ViT only: cls | mean
+    projector_hidden: int = 2048
+    projector_out: int = 128
+    projector_layers: int = 2
+    projector_last_bn: bool = False
+
+
+@dataclass
+class ViewsConfig:
+    size: int = 32                        # global crop size
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float | None = None           # None: the method's view recipe decides (BYOL's asymmetric blur)
+    solarize_p: float | None = None       # None: the method's view recipe decides
+    n_local: int = 0                      # multi-crop (cookbook §3.1.1): number of small crops
+    local_size: int = 16
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"                    # sgd | adamw | lars
+    base_lr: float = 0.3
+    lr_rule: str = "linear"               # linear: base_lr*B/256 | sqrt: base_lr*sqrt(B) | none
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    final_lr: float = 0.0                 # cosine decays to final_lr * lr
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    precision: str = "auto"               # auto | fp32 | bf16
+    channels_last: str = "auto"           # auto | true | false
+    accumulate: int = 1                   # gradient accumulation steps per optimizer step
+    num_threads: int = 0                  # CPU threads for torch (0: torch's default)
+    checkpoint_every: int = 0             # steps between checkpoints (0: only at epoch ends)
+    log_every: int = 20                   # steps between metrics.jsonl records
+    knn_every: int = 1                    # epochs between kNN monitor evaluations (0: off)
+    knn_monitor_size: int = 10000         # train images used as kNN memory by the monitor
+    online_probe: bool = True             # online linear probe on detached features (cookbook Fig. 13)
+    probe_lr: float = 0.1                 # SGD, momentum 0.9 (solo-learn's online classifier)
+    max_steps: int = 0                    # stop after this many optimizer steps (0: all epochs); for quick tries
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20                       # fmnist-knn protocol (DESIGN.md §4; DINO)
+    knn_temperature: float = 0.07
+    linear: bool = True
+    linear_epochs: int = 30               # on cached features; fits well under a minute on 2 CPU cores
+    init_baseline: bool = True            # kNN of the same network at initialization
+
+
+@dataclass
+class Config:
+    method: str = "simclr"
+    recipe: str = "default"
+    description: str = ""
+    cookbook: str = ""                    # cookbook sections this recipe comes from
+    seed: int = 0
+    out: str | None = None                # run directory (default runs/<method>-<time>)
+    resume: str | None = None             # auto | path to a checkpoint
+    epochs: int = 100
+    batch_size: int = 256                 # the EFFECTIVE batch: summed over processes and accumulation steps
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    params: Any = None                    # the method's own dataclass, shown as a section named after the method
+
+    def to_dict(self) -> dict:
+        d = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "params"}
+        if self.params is not None:
+            d[self.method] = _to_plain(self.params)
+        return d
+
+
+def _to_plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return {f.name: _to_plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation and coercion
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} expects a list of {len(args)} values like [0.2, 1.0], got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            keys += _all_keys(v, f"{prefix}{f.name}.")
+        elif f.name != "params":
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # match on the last component, e.g. "lr" -> "optim.base_lr"
+        last = {k.split(".")[-1]: k for k in valid}
+        close = [last[m] for m in difflib.get_close_matches(key.split(".")[-1], list(last), n=1, cutoff=0.6)]
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Run `selfsup train METHOD --show-config` to list every key.")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    valid = _all_keys(cfg) + [f"{cfg.method}.{k}" for k in _all_keys(cfg.params)] if cfg.params is not None else \
+        _all_keys(cfg)
+    if parts[0] == cfg.method and cfg.params is not None:
+        obj, parts = cfg.params, parts[1:]
+    else:
+        obj = cfg
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in names or part == "params":
+            raise _unknown(key, valid)
+        f = names[part]
+        current = getattr(obj, part)
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(current):
+                raise _unknown(key, valid)
+            obj = current
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' is a section; set its keys, e.g. {key}.{dataclasses.fields(current)[0].name}=...")
+            for k, v in value.items():
+                _set(cfg, f"{key}.{k}", v)
+        else:
+            hints = typing.get_type_hints(type(obj))
+            setattr(obj, part, _coerce(value, hints[f.name], key))
+
+
+def _apply(cfg: Config, tree: dict, prefix: str = "") -> None:
+    for k, v in tree.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _apply(cfg, v, full + ".")
+        else:
+            _set(cfg, full, v)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value) with value parsed as YAML (so 0.2 is a float, [0.2,1] a list, null None)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"expected key=value, got {text!r} (e.g. epochs=10 or optim.base_lr=0.5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value of {key}: {raw!r} ({e})") from None
+    return key.strip(), value
+
+
+def recipe_names(method: str) -> list[str]:
+    folder = resources.files("selfsup") / "recipes" / method
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(method: str, recipe: str) -> dict:
+    path = resources.files("selfsup") / "recipes" / method / f"{recipe}.yaml"
+    if not path.is_file():
+        names = recipe_names(method)
+        close = difflib.get_close_matches(recipe, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"method {method!r} has no recipe {recipe!r}.{hint} Available: {', '.join(names)}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def build_config(method: str, overrides: list[str] | None = None, *, params_cls: type | None = None) -> Config:
+    """Resolve a full config: defaults, then the recipe (`recipe=` override or 'default'), then the overrides."""
+    pairs = [parse_override(o) for o in overrides or []]
+    recipe = next((v for k, v in pairs if k == "recipe"), "default")
+    cfg = Config(method=method, recipe=str(recipe), params=params_cls() if params_cls else None)
+    tree = load_recipe(method, str(recipe))
+    tree.pop("method", None)
+    tree.pop("recipe", None)
+    _apply(cfg, tree)
+    for k, v in pairs:
+        if k == "data" and isinstance(v, str):  # shorthand: data=cifar10 means data.name=cifar10
+            k = "data.name"
+        if k not in ("recipe", "method"):
+            _set(cfg, k, v)
+    _check(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict, params_cls: type | None = None) -> Config:
+    """Rebuild a Config from a saved config.yaml (used by resume and `selfsup eval`)."""
+    d = dict(d)
+    method = d.pop("method")
+    cfg = Config(method=method, params=params_cls() if params_cls else None)
+    _apply(cfg, d)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    choices = {
+        "optim.name": (cfg.optim.name, ("sgd", "adamw", "lars")),
+        "optim.lr_rule": (cfg.optim.lr_rule, ("linear", "sqrt", "none")),
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "train.channels_last": (cfg.train.channels_last, ("auto", "true", "false")),
+        "data.on_error": (cfg.data.on_error, ("skip", "raise")),
+        "model.stem": (cfg.model.stem, ("cifar", "imagenet", "small")),
+        "model.pool": (cfg.model.pool, ("cls", "mean")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train.accumulate": cfg.train.accumulate,
+                "views.size": cfg.views.size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.batch_size % cfg.train.accumulate:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by train.accumulate={cfg.train.accumulate}")

@@ -1,0 +1,111 @@
+"""Process-group set-up and the collectives that batch-statistic losses need (cookbook §3.8.1).
+
+`torchrun` and SLURM both describe the job through environment variables; `init_distributed` reads them, so the same
+command line runs on one process, several processes on one machine, or a cluster. Losses that use the whole batch
+(NT-Xent negatives, covariance terms) call `gather_with_grad`, the cookbook's Algorithm 1: it all-gathers embeddings and,
+on the way back, *sums* the gradients of every process, because DDP later divides by the number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return None
+
+
+def init_distributed(device_type: str = "cpu") -> DistInfo:
+    """Join the process group described by torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, ...).
+
+    A single process (no such variables, or WORLD_SIZE=1) gets a `DistInfo` with world_size 1 and no process group.
+    The backend is NCCL for CUDA and gloo otherwise.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK") or 0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    if world <= 1:
+        return DistInfo()
+    rank = _env_int("RANK", "SLURM_PROCID") or 0
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError(
+            "WORLD_SIZE > 1 but MASTER_ADDR is not set. Launch with `torchrun --nproc_per_node=N -m selfsup train ...` "
+            "or, under SLURM, export MASTER_ADDR and MASTER_PORT in the job script."
+        )
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GatherLayer(torch.autograd.Function):
+    """All-gather that lets gradients flow back to every process (cookbook Algorithm 1).
+
+    Backward all-reduces (sums) the incoming gradients and returns this process's slice: each embedding receives the
+    gradient of every process's loss, which DDP's averaging then turns into the gradient of the mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        all_grads = torch.stack(grads)
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (same shape on every process) from all processes along dim 0, keeping the autograd graph."""
+    if get_world_size() == 1:
+        return x
+    return torch.cat(GatherLayer.apply(x), dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over processes (no gradient); identity on one process."""
+    if get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / get_world_size()
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,48 @@
+"""Pieces every method builds from the config: backbone, projector, view maker."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from selfsup.config import Config
+from selfsup.data.views import MultiView, build_view_maker
+from selfsup.nn.backbones import build_backbone
+from selfsup.nn.heads import projector
+
+
+def make_backbone(cfg: Config, in_chans: int) -> nn.Module:
+    m = cfg.model
+    if m.backbone.startswith("resnet"):
+        return build_backbone(m.backbone, in_chans=in_chans, width=m.width, stem=m.stem)
+    if m.backbone.startswith("vit"):
+        return build_backbone(m.backbone, in_chans=in_chans, img_size=cfg.views.size, patch_size=m.patch_size,
+                              pool=m.pool)
+    return build_backbone(m.backbone, in_chans=in_chans)
+
+
+def make_projector(cfg: Config, in_dim: int) -> nn.Module:
+    m = cfg.model
+    return projector(in_dim, m.projector_hidden, m.projector_out, num_layers=m.projector_layers,
+                     last_bn=m.projector_last_bn)
+
+
+def make_views(cfg: Config, kind: str, channels: int, mean, std) -> MultiView:
+    """The method's view recipe (`kind`), with every value the user set in `views.*` applied on top.
+
+    `views.n_local > 0` adds multi-crop (cookbook §3.1.1) to any method: the method's own global views plus small
+    crops of `views.local_size` pixels at `views.local_scale`, photometrically like the first global view.
+    """
+    v = cfg.views
+    overrides = dict(scale=v.scale, ratio=v.ratio, hflip_p=v.hflip_p, jitter_p=v.jitter_p, brightness=v.brightness,
+                     contrast=v.contrast, saturation=v.saturation, hue=v.hue, gray_p=v.gray_p)
+    if v.blur_p is not None:
+        overrides["blur_p"] = v.blur_p
+    if v.solarize_p is not None:
+        overrides["solarize_p"] = v.solarize_p
+    views = build_view_maker(kind, v.size, mean, std, channels, **overrides)
+    if v.n_local == 0:
+        return views
+    local = dataclasses.replace(views.global_cfgs[0], size=v.local_size, scale=v.local_scale)
+    return MultiView(views.global_cfgs, local, v.n_local)

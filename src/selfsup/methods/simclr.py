@@ -1,0 +1,39 @@
+"""SimCLR (Chen et al. 2020; cookbook §2.2, eq. (6), Fig. 3): two augmented views, a projector, NT-Xent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selfsup.losses.contrastive import multi_view_nt_xent
+from selfsup.methods.base import Method, forward_views, register
+from selfsup.methods.common import make_backbone, make_projector, make_views
+
+
+@dataclass
+class SimCLRParams:
+    temperature: float = 0.1      # SimCLR Table 5 / §B.9 (ImageNet); small-data recipes raise it
+
+
+class SimCLR(Method):
+    def __init__(self, encoder, projector, view_maker, temperature: float):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.view_maker = view_maker
+        self.temperature = temperature
+
+    def forward(self, views: list[torch.Tensor]) -> dict:
+        feats = forward_views(self.encoder, views)
+        zs = forward_views(self.projector, feats)
+        loss = multi_view_nt_xent(zs, n_global=self.view_maker.n_global, temperature=self.temperature)
+        return {"loss": loss, "features": feats[0]}
+
+
+@register("simclr", SimCLRParams, family="deep metric learning", cookbook="§2.2, eq. (6), Fig. 3; §3.8.1 Alg. 1",
+          summary="NT-Xent between two views; negatives are the rest of the (gathered) batch")
+def build(cfg, in_chans: int, mean, std) -> SimCLR:
+    encoder = make_backbone(cfg, in_chans)
+    return SimCLR(encoder, make_projector(cfg, encoder.num_features), make_views(cfg, "simclr", in_chans, mean, std),
+                  cfg.params.temperature)

@@ -1,0 +1,103 @@
+"""Optimizers, parameter groups and learning-rate schedules (cookbook §3.5.2, §3.5.3, §3.8.1).
+
+LR scaling is explicit: `scaled_lr(base_lr, effective_batch, rule)` with rule `linear` (Goyal et al. 2017:
+base_lr * batch / 256), `sqrt` (SimCLR appendix B.1: base_lr * sqrt(batch), the cookbook's small-batch advice) or
+`none`. The trainer prints the result; nothing is rescaled silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def scaled_lr(base_lr: float, effective_batch: int, rule: str) -> float:
+    if rule == "linear":
+        return base_lr * effective_batch / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(effective_batch)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown lr rule {rule!r}; use 'linear', 'sqrt' or 'none'")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither).
+
+    Excluding 1-D parameters from weight decay and LARS adaptation follows SimCLR and BYOL (You et al. 2017 §B;
+    Grill et al. 2020 appendix C); LARS reads the `lars` flag of each group.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
+    return groups
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by SimCLR/BYOL: SGD with momentum whose per-layer step is scaled by the trust
+    ratio eta * ||w|| / ||g + wd * w||. Groups with `lars=False` (biases, norms) take plain SGD-momentum steps.
+    eta = 0.001 and momentum 0.9 follow SimCLR's released code.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if group["weight_decay"]:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    d_p = d_p.mul(trust)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d_p.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d_p)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    for g in groups:
+        g.pop("lars")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lars'")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
+    """Linear warm-up from ~0 to `peak` over `warmup_steps`, then cosine decay to `final` (cookbook §3.5.2)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

@@ -1,0 +1,300 @@
+"""The one training loop. It never knows which method it runs (DESIGN.md §2):
+
+    uint8 batch -> device -> method.view_maker -> method(views) -> loss -> optimizer -> method.on_step_end -> logs
+
+Exact resume: the data order depends only on (seed, epoch) and every random draw of a step (views, dropout) comes from
+generators re-seeded from (seed, rank, step), so a checkpoint needs no RNG state and a resumed run retraces the
+uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from selfsup import distributed as du
+from selfsup.config import Config
+from selfsup.data.datasets import ImageDataset, dataset_stats, load_dataset
+from selfsup.evaluate.features import extract_features
+from selfsup.evaluate.knn import knn_classify
+from selfsup.evaluate.probe import OnlineLinearProbe
+from selfsup.methods import get_method
+from selfsup.nn.backbones import export_backbone
+from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
+    d = cfg.data
+    kw = dict(root=d.root, download=d.download, on_error=d.on_error,
+              image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
+    train = load_dataset(d.name, d.train_split, **kw)
+    test = None
+    if d.test_split and train.labels is not None:
+        try:
+            test = load_dataset(d.name, d.test_split, **kw)
+        except FileNotFoundError:
+            test = None
+    return train, test
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
+
+
+class Logger:
+    """metrics.jsonl always (rank 0), TensorBoard when installed, a progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # a resumed run: drop records from steps that will be redone
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is an optional extra
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config, world_size: int) -> None:
+    state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+             "probe": probe.state_dict() if probe is not None else None,
+             "step": step, "config": cfg.to_dict(), "world_size": world_size}
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageDataset | None = None) -> dict:
+    """Train `cfg.method` and evaluate it; returns the summary written to `summary.json`.
+
+    `train_data`/`test_data` let Python users pass in-memory datasets (`selfsup.data.from_arrays`) instead of
+    `cfg.data`.
+    """
+    t_start = time.time()
+    device = select_device(cfg.train.device)
+    dist = du.init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.out is None:  # every process must agree on the name: rank 0 picks it
+        name = [f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if dist.enabled:
+            torch.distributed.broadcast_object_list(name, src=0)
+        cfg.out = name[0]
+    run_dir = Path(cfg.out)
+    say = print if dist.is_main else (lambda *a, **k: None)
+
+    if train_data is None:
+        train_data, test_data = load_data(cfg)
+    labels = train_data.labels
+    C, H, W = train_data.image_shape
+    mean, std = dataset_stats(cfg.data.name, channels=C)
+
+    world, accum = dist.world_size, cfg.train.accumulate
+    if cfg.batch_size % (world * accum):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x accumulate = {world} x {accum}")
+    micro_bs = cfg.batch_size // (world * accum)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {len(train_data)} images, fewer than batch_size={cfg.batch_size}; "
+                         "lower batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+
+    torch.manual_seed(cfg.seed)
+    entry = get_method(cfg.method)
+    raw = entry.build(cfg, C, mean, std).to(device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
+            export_backbone(raw.encoder, run_dir / "init")
+
+    lr = scaled_lr(cfg.optim.base_lr, cfg.batch_size, cfg.optim.lr_rule)
+    say(f"selfsup: {cfg.method} ({cfg.recipe}) on {train_data.name}: {len(train_data)} images {C}x{H}x{W}, "
+        f"{'labels' if labels is not None else 'no labels'}; device {device}, {world} process(es), "
+        f"precision {amp or 'fp32'}")
+    say(f"selfsup: lr = {cfg.optim.base_lr} x {cfg.optim.lr_rule}(batch {cfg.batch_size}) = {lr:.4g} "
+        f"({cfg.optim.name}, warmup {cfg.optim.warmup_epochs} epochs, cosine to {cfg.optim.final_lr * lr:.3g}); "
+        f"{cfg.epochs} epochs x {steps_per_epoch} steps; run dir {run_dir}")
+
+    model = raw
+    if dist.enabled:
+        model = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw),
+                    device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    probe = None
+    if labels is not None and cfg.train.online_probe:
+        n_cls = train_data.num_classes or int(labels.max()) + 1
+        probe = OnlineLinearProbe(raw.encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
+
+    start_step = 0
+    ckpt_path = run_dir / CHECKPOINT
+    resume = Path(cfg.resume) if cfg.resume not in (None, "auto") else (ckpt_path if cfg.resume == "auto" else None)
+    if resume is not None and resume.exists():
+        state = torch.load(resume, map_location=device, weights_only=True)
+        raw.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        if probe is not None and state["probe"] is not None:
+            probe.load_state_dict(state["probe"])
+        start_step = state["step"]
+        say(f"selfsup: resumed from {resume} at step {start_step}")
+    elif cfg.resume not in (None, "auto"):
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+
+    logger = Logger(run_dir, dist.is_main, start_step)
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    gen = torch.Generator(device=device)
+    monitor_idx = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))
+    monitor_idx = monitor_idx[: cfg.train.knn_monitor_size]
+    tty = sys.stderr.isatty() and dist.is_main
+    bar = None
+    if tty:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True)
+
+    step_time, images_seen, window = 0.0, 0, []
+    t_loop = time.time()
+    order, order_epoch = None, -1
+    step = start_step
+    raw.train()
+    try:
+        while step < stop_step:
+            epoch, b = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = _epoch_order(len(train_data), cfg.seed, epoch), epoch
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            local = batch[dist.rank * micro_bs * accum:(dist.rank + 1) * micro_bs * accum]
+            t0 = time.perf_counter()
+            cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
+            set_lr(optimizer, cur_lr)
+            gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
+            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) + 1)
+            loss_sum, extra, probe_logs = 0.0, {}, {}
+            for m in range(accum):
+                idx = local[m * micro_bs:(m + 1) * micro_bs]
+                x = train_data.images[idx].to(device, non_blocking=True)
+                views = raw.view_maker(x, gen)
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                sync = model.no_sync() if dist.enabled and m < accum - 1 else contextlib.nullcontext()
+                with sync, autocast(device, amp):
+                    out = model(views)
+                (out["loss"] / accum).backward()
+                loss_sum += out["loss"].item() / accum
+                extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features")}
+                if probe is not None:
+                    probe_logs = probe.step(out["features"].detach().float(), labels[idx].to(device))
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower optim.base_lr, use "
+                                         "precision=fp32, or check the data")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            hook_logs = raw.on_step_end(step + 1, total_steps) or {}
+            step += 1
+            dt = time.perf_counter() - t0
+            step_time += dt
+            images_seen += cfg.batch_size
+            window.append(loss_sum)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum:.4f}", lr=f"{cur_lr:.3g}",
+                                img_s=f"{cfg.batch_size / dt:.0f}")
+            if step % cfg.train.log_every == 0 or step == stop_step:
+                rec = {"step": step, "epoch": step / steps_per_epoch, "loss": sum(window) / len(window),
+                       "lr": cur_lr, "samples_per_s": images_seen / step_time, **extra, **hook_logs}
+                rec.update({f"online_probe_{k}": float(v) for k, v in probe_logs.items()})
+                logger.log(rec)
+                window = []
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end and dist.is_main and not tty:
+                print(f"epoch {step // steps_per_epoch}/{cfg.epochs} step {step}/{total_steps} loss {loss_sum:.4f} "
+                      f"lr {cur_lr:.4g} {images_seen / step_time:.0f} img/s "
+                      f"eta {(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
+            if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
+                    and (step // steps_per_epoch) % cfg.train.knn_every == 0):
+                acc = _knn_monitor(raw.encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
+                logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
+                say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
+                raw.train()
+            if dist.is_main and (epoch_end or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+    except KeyboardInterrupt:
+        if dist.is_main:
+            save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+            print(f"\nselfsup: interrupted at step {step}; checkpoint saved. Continue with resume=auto out={run_dir}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    train_seconds = time.time() - t_loop
+    if dist.is_main:
+        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+        export_backbone(raw.encoder, run_dir, extra={"method": cfg.method, "step": step,
+                                                     "mean": list(mean), "std": list(std)})
+    du.barrier()
+    if not dist.is_main:
+        return {}
+    summary = {"method": cfg.method, "recipe": cfg.recipe, "dataset": train_data.name, "epochs": cfg.epochs,
+               "epochs_done": step / steps_per_epoch, "steps": step, "batch_size": cfg.batch_size, "lr": lr,
+               "train_seconds": round(train_seconds, 1),
+               "samples_per_second": round(images_seen / max(step_time, 1e-9), 1),
+               "device": str(device), "cpu": cpu_model(), "processes": world, "precision": str(amp or "fp32"),
+               "skipped_files": len(train_data.skipped), "torch": torch.__version__}
+    save_json(run_dir / "summary.json", summary)
+    from selfsup.evaluate.run import evaluate_run
+
+    summary = evaluate_run(run_dir, cfg, train_data, test_data, encoder=raw.encoder, device=device, probe=probe)
+    summary["total_seconds"] = round(time.time() - t_start, 1)
+    save_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg) -> float:
+    train_f = extract_features(encoder, train_data.images[monitor_idx], mean, std, device=device, dtype=amp)
+    test_f = extract_features(encoder, test_data.images, mean, std, device=device, dtype=amp)
+    res = knn_classify(train_f, train_data.labels[monitor_idx], test_f, test_data.labels, k=cfg.eval.knn_k,
+                       temperature=cfg.eval.knn_temperature)
+    return float(res["top1"][cfg.eval.knn_k])

@@ -1,0 +1,41 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def write_idx(folder, prefix, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, h, w) + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+
+
+def synthetic_classes(n: int, seed: int, size: int = 16, classes: int = 4):
+    """Images whose class is a bright bar's orientation/position, plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.integers(0, 60, (n, size, size))
+    for i, c in enumerate(y):
+        if c % 2 == 0:
+            x[i, :, (c // 2) * 4 + 2:(c // 2) * 4 + 6] += 180
+        else:
+            x[i, (c // 2) * 4 + 2:(c // 2) * 4 + 6, :] += 180
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path):
+    """A Fashion-MNIST-format folder (official idx.gz files) with 256 train and 128 test synthetic images."""
+    root = tmp_path / "fmnist"
+    xtr, ytr = synthetic_classes(256, 0)
+    xte, yte = synthetic_classes(128, 1)
+    write_idx(root, "train", xtr, ytr)
+    write_idx(root, "t10k", xte, yte)
+    return root

@@ -1,0 +1,57 @@
+"""2 processes with half batches must give the same NT-Xent loss and gradients as 1 process on the whole batch."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from selfsup.losses.contrastive import nt_xent
+
+TOL = 1e-5  # float64 throughout; differences come only from summation order
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(6, 4).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(4, 6, generator=g, dtype=torch.float64))
+        model.bias.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    return x1, x2, model
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x1, x2, model = _data()
+    n = x1.shape[0] // world
+    ddp = DDP(model)
+    sl = slice(rank * n, (rank + 1) * n)
+    loss = nt_xent(ddp(x1[sl]), ddp(x2[sl]), temperature=0.2)
+    loss.backward()
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach().float())
+    torch.save({"loss": torch.stack(losses).mean().double(), "grad_w": model.weight.grad, "grad_b": model.bias.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    x1, x2, model = _data()
+    loss = nt_xent(model(x1), model(x2), temperature=0.2)
+    loss.backward()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert abs(r["loss"].item() - loss.item()) < 1e-5  # mean of per-rank losses (gathered as float32)
+        assert torch.allclose(r["grad_w"], model.weight.grad, atol=TOL, rtol=0)
+        assert torch.allclose(r["grad_b"], model.bias.grad, atol=TOL, rtol=0)
