@@ -21,7 +21,6 @@ cores every parallel op waits for a descheduled thread, and timings become 10-40
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from selfsup.data.views import simclr_views  # noqa: E402
+from selfsup.runtime import tune_malloc  # noqa: E402
 
 DATASETS = {
     "fmnist": (1, 28, (0.2860,), (0.3530,)),
@@ -47,17 +47,6 @@ def cpu_model() -> str:
         )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return "unknown"
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in the heap (glibc): mmap threshold 32 MiB, no trimming."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 32 << 20)) and bool(
-            libc.mallopt(-1, 1 << 30)
-        )  # M_MMAP_/M_TRIM_THRESHOLD
-    except OSError:
-        return False
 
 
 def kornia_views(channels: int, size: int, mean, std, device):

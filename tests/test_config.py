@@ -10,7 +10,7 @@ def _cfg(method, *overrides):
 
 
 def test_defaults_recipe_and_overrides_resolve():
-    cfg = _cfg("simclr", "epochs=3", "optim.base_lr=0.5", "simclr.temperature=0.5", "views.scale=[0.3, 1.0]",
+    cfg = _cfg("simclr", "epochs=3", "optim.base_lr=5e-1", "simclr.temperature=0.5", "views.scale=[0.3, 1.0]",
                "data=cifar10")
     assert cfg.epochs == 3 and cfg.optim.base_lr == 0.5 and cfg.params.temperature == 0.5
     assert cfg.views.scale == (0.3, 1.0) and cfg.data.name == "cifar10"

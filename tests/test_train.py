@@ -73,3 +73,43 @@ def test_resume_is_exact(method, tiny_fmnist, tmp_path):
     # the metrics of the resumed run continue where the first half stopped, without duplicates
     steps = [json.loads(ln)["step"] for ln in (b / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_unlabeled_folder_trains_without_classifier(tmp_path):
+    """An image folder without class sub-folders: no labels, so no probe, no kNN; corrupt files are counted."""
+    from conftest import synthetic_classes
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    x, _ = synthetic_classes(70, 3)
+    for i, img in enumerate(x):
+        Image.fromarray(img).convert("RGB").save(root / f"img{i:03d}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert main(_args("simclr", root, out, "data=folder", "data.image_size=16", "batch_size=32", "epochs=1")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["skipped_files"] == 1 and s["steps"] == 70 // 32
+    assert "knn_top1" not in s and "online_probe_top1" not in s
+    ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["probe"] is None
+    assert not (out / "knn.png").exists()
+
+
+def test_torchrun_two_processes(tiny_fmnist, tmp_path):
+    """`torchrun --nproc_per_node=2 -m selfsup train` on CPU (gloo): one run directory, written by rank 0 only."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    from test_distributed import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "selfsup",
+           *_args("simclr", tiny_fmnist, out, "eval.linear=false", "epochs=1")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["processes"] == 2 and s["steps"] == 256 // 64 and s["batch_size"] == 64
+    assert r.stdout.count("kNN top-1") == 1  # only rank 0 evaluates and prints

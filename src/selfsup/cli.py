@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from selfsup.config import ConfigError, build_config, recipe_names
@@ -68,6 +69,11 @@ def cmd_train(args) -> int:
     except DataError as e:
         print(f"selfsup: data error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as e:
+        if os.environ.get("SELFSUP_DEBUG"):
+            raise
+        print(f"selfsup: error: {e}\n(set SELFSUP_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
@@ -90,6 +96,9 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from selfsup.runtime import tune_malloc
+
+    tune_malloc()
     if args.command == "train":
         return cmd_train(args)
     if args.command == "eval":

@@ -49,18 +49,21 @@ class ModelConfig:
 
 @dataclass
 class ViewsConfig:
+    """Augmentation settings applied on top of the method's view recipe (SimCLR: two symmetric views; BYOL: the
+    asymmetric blur/solarize pair). None means "the method's recipe decides"; the values each view really uses are
+    written to the run's config.yaml under `resolved_views`."""
     size: int = 32                        # global crop size
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: float | None = None           # None: the method's view recipe decides (BYOL's asymmetric blur)
-    solarize_p: float | None = None       # None: the method's view recipe decides
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip_p: float | None = None
+    jitter_p: float | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    gray_p: float | None = None
+    blur_p: float | None = None
+    solarize_p: float | None = None
     n_local: int = 0                      # multi-crop (cookbook §3.1.1): number of small crops
     local_size: int = 16
     local_scale: tuple[float, float] = (0.05, 0.4)
@@ -122,15 +125,15 @@ class Config:
     params: Any = None                    # the method's own dataclass, shown as a section named after the method
 
     def to_dict(self) -> dict:
-        d = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "params"}
+        d = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "params"}
         if self.params is not None:
-            d[self.method] = _to_plain(self.params)
+            d[self.method] = to_plain(self.params)
         return d
 
 
-def _to_plain(v: Any) -> Any:
+def to_plain(v: Any) -> Any:
     if dataclasses.is_dataclass(v):
-        return {f.name: _to_plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return {f.name: to_plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, tuple):
         return list(v)
     return v
@@ -170,6 +173,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} expects a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

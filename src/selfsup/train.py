@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import distributed as du
-from selfsup.config import Config
+from selfsup.config import Config, to_plain
 from selfsup.data.datasets import ImageDataset, dataset_stats, load_dataset
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
@@ -97,6 +97,32 @@ def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool):
+    """One optimizer step on this process's uint8 images `x` (labels `y` or None), in `accum` micro-batches.
+
+    Returns (loss, scalars the method logged, online-probe logs). `model` is `raw` or its DDP wrapper; gradients are
+    synchronized only on the last micro-batch. The caller calls `raw.on_step_end` afterwards.
+    """
+    micro = x.shape[0] // accum
+    loss_sum, extra, probe_logs = 0.0, {}, {}
+    for m in range(accum):
+        xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+        views = raw.view_maker(xm, gen)
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        sync = model.no_sync() if m < accum - 1 and isinstance(model, DDP) else contextlib.nullcontext()
+        with sync, autocast(device, amp):
+            out = model(views)
+        (out["loss"] / accum).backward()
+        loss_sum += out["loss"].item() / accum
+        extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features")}
+        if probe is not None and y is not None:
+            probe_logs = probe.step(out["features"].detach().float(), y[m * micro:(m + 1) * micro].to(device))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, extra, probe_logs
+
+
 def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageDataset | None = None) -> dict:
     """Train `cfg.method` and evaluate it; returns the summary written to `summary.json`.
 
@@ -135,6 +161,10 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
 
+    ckpt_path = run_dir / CHECKPOINT
+    if cfg.resume is None and ckpt_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with resume=auto, "
+                              "or choose another out=DIR.")
     torch.manual_seed(cfg.seed)
     entry = get_method(cfg.method)
     raw = entry.build(cfg, C, mean, std).to(device)
@@ -146,7 +176,11 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        resolved = [to_plain(c) for c in raw.view_maker.global_cfgs]
+        if raw.view_maker.n_local:
+            resolved += [to_plain(raw.view_maker.local_cfg)] * raw.view_maker.n_local
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_views": resolved},
+                                                            sort_keys=False))
         if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
             export_backbone(raw.encoder, run_dir / "init")
 
@@ -160,8 +194,12 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
 
     model = raw
     if dist.enabled:
-        model = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw),
-                    device_ids=[device.index] if device.type == "cuda" else None)
+        # SyncBN (cookbook §3.8.1) where PyTorch supports it (CUDA); on CPU each process keeps its own BN statistics
+        if device.type == "cuda":
+            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        else:
+            say("selfsup: batch norm is per process on CPU (PyTorch's SyncBatchNorm needs CUDA)")
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum)
     probe = None
     if labels is not None and cfg.train.online_probe:
@@ -169,7 +207,6 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         probe = OnlineLinearProbe(raw.encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
 
     start_step = 0
-    ckpt_path = run_dir / CHECKPOINT
     resume = Path(cfg.resume) if cfg.resume not in (None, "auto") else (ckpt_path if cfg.resume == "auto" else None)
     if resume is not None and resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
@@ -211,26 +248,13 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             set_lr(optimizer, cur_lr)
             gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
             torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) + 1)
-            loss_sum, extra, probe_logs = 0.0, {}, {}
-            for m in range(accum):
-                idx = local[m * micro_bs:(m + 1) * micro_bs]
-                x = train_data.images[idx].to(device, non_blocking=True)
-                views = raw.view_maker(x, gen)
-                if channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                sync = model.no_sync() if dist.enabled and m < accum - 1 else contextlib.nullcontext()
-                with sync, autocast(device, amp):
-                    out = model(views)
-                (out["loss"] / accum).backward()
-                loss_sum += out["loss"].item() / accum
-                extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features")}
-                if probe is not None:
-                    probe_logs = probe.step(out["features"].detach().float(), labels[idx].to(device))
+            x = train_data.images[local]
+            y = labels[local] if labels is not None else None
+            loss_sum, extra, probe_logs = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp,
+                                                     channels_last)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower optim.base_lr, use "
                                          "precision=fp32, or check the data")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             hook_logs = raw.on_step_end(step + 1, total_steps) or {}
             step += 1
             dt = time.perf_counter() - t0

@@ -1,0 +1,14 @@
+"""Data: readers for the official formats (uint8 N x C x H x W, labels optional) and batched on-device views."""
+
+from selfsup.data.datasets import DataError, ImageDataset, dataset_stats, from_arrays, load_dataset
+from selfsup.data.views import (
+           MultiView,
+           ViewMaker,
+           build_view_maker,
+           byol_views,
+           multicrop_views,
+           simclr_views,
+)
+
+__all__ = ["DataError", "ImageDataset", "MultiView", "ViewMaker", "build_view_maker", "byol_views", "dataset_stats",
+           "from_arrays", "load_dataset", "multicrop_views", "simclr_views"]

@@ -420,6 +420,10 @@ def apply_color_jitter(
     whole batch are skipped, and 1-channel images use only brightness and contrast. With ``inplace`` x's
     memory is reused (x is then garbage; use the return value).
     """
+    if not x.is_floating_point():
+        raise ValueError(
+            f"color jitter works on float images in [0, 1], got {x.dtype}; use to_float01(x) first"
+        )
     b = x.shape[0]
     factors = factors.to(device=x.device, dtype=torch.float32)
     order = torch.arange(4, device=x.device).expand(b, 4) if order is None else order.to(x.device)

@@ -32,6 +32,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a selfsup run directory?")
     d = yaml.safe_load(path.read_text())
+    d.pop("resolved_views", None)  # written for the reader; rebuilt from the method's recipe
     method = d["method"]
     params = d.pop(method, None)
     entry = get_method(method)

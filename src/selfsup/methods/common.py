@@ -35,12 +35,9 @@ def make_views(cfg: Config, kind: str, channels: int, mean, std) -> MultiView:
     crops of `views.local_size` pixels at `views.local_scale`, photometrically like the first global view.
     """
     v = cfg.views
-    overrides = dict(scale=v.scale, ratio=v.ratio, hflip_p=v.hflip_p, jitter_p=v.jitter_p, brightness=v.brightness,
-                     contrast=v.contrast, saturation=v.saturation, hue=v.hue, gray_p=v.gray_p)
-    if v.blur_p is not None:
-        overrides["blur_p"] = v.blur_p
-    if v.solarize_p is not None:
-        overrides["solarize_p"] = v.solarize_p
+    names = ("scale", "ratio", "hflip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p",
+             "blur_p", "solarize_p")
+    overrides = {k: getattr(v, k) for k in names if getattr(v, k) is not None}
     views = build_view_maker(kind, v.size, mean, std, channels, **overrides)
     if v.n_local == 0:
         return views
