@@ -116,3 +116,26 @@ def test_torchrun_two_processes(tiny_fmnist, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["processes"] == 2 and s["steps"] == 256 // 64 and s["batch_size"] == 64
     assert r.stdout.count("kNN top-1") == 1  # only rank 0 evaluates and prints
+
+
+def test_labelled_folder_uses_test_subfolder_only_when_present(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import synthetic_classes
+
+    root = tmp_path / "shop"
+    for split, seed, n in [("train", 5, 64), ("test", 6, 32)]:
+        x, y = synthetic_classes(n, seed)
+        for i, (img, c) in enumerate(zip(x, y)):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / split / f"class{c}" / f"{i}.png")
+    fast = ["data=folder", "data.image_size=16", "batch_size=32", "epochs=1", "eval.linear=false"]
+    out = tmp_path / "with_test"
+    assert main(_args("simclr", root, out, *fast)) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "knn_top1" in s and s["dataset"] == "folder/train"
+    # without a test sub-folder there is no held-out split: no test accuracy is reported
+    out2 = tmp_path / "no_test"
+    assert main(_args("simclr", root / "train", out2, *fast)) == 0
+    assert "knn_top1" not in json.loads((out2 / "summary.json").read_text())
+    assert "label-based evaluation is skipped" in capsys.readouterr().out

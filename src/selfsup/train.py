@@ -38,17 +38,24 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
     kw = dict(root=d.root, download=d.download, on_error=d.on_error,
               image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
     train = load_dataset(d.name, d.train_split, **kw)
-    test = None
-    if d.test_split and train.labels is not None:
-        try:
-            test = load_dataset(d.name, d.test_split, **kw)
-        except FileNotFoundError:
-            test = None
+    if not d.test_split or train.labels is None:
+        return train, None
+    if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
+        # a folder without a test sub-folder has no held-out images: evaluating on the training images would
+        # report a number that is not a test accuracy
+        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: label-based evaluation is skipped "
+              f"(add {d.root}/{d.test_split}/<class>/... or set data.test_split)", flush=True)
+        return train, None
+    test = load_dataset(d.name, d.test_split, **kw)
+    if train.classes and test.classes and train.classes != test.classes:
+        raise ValueError(f"the train and test splits have different classes ({train.classes} vs {test.classes}); "
+                         "their labels would not match")
     return train, test
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
+    """A distinct seed for every (seed, rank, step) with rank < 2^20 and step < 2^32."""
+    return ((seed * 2**20 + rank) * 2**32 + step) % 2**63
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -247,7 +254,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
             set_lr(optimizer, cur_lr)
             gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
-            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) + 1)
+            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ (1 << 62))  # a stream apart from the views
             x = train_data.images[local]
             y = labels[local] if labels is not None else None
             loss_sum, extra, probe_logs = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp,
