@@ -119,9 +119,8 @@ def test_torchrun_two_processes(tiny_fmnist, tmp_path):
 
 
 def test_labelled_folder_uses_test_subfolder_only_when_present(tmp_path, capsys):
-    from PIL import Image
-
     from conftest import synthetic_classes
+    from PIL import Image
 
     root = tmp_path / "shop"
     for split, seed, n in [("train", 5, 64), ("test", 6, 32)]:

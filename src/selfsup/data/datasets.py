@@ -14,94 +14,33 @@ Where the data of a named dataset is looked for (:func:`load_dataset`):
    ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``), then ``~/.cache/selfsup/<name>``
    (``$XDG_CACHE_HOME`` is honoured), where a download goes.
 
-Downloads are verified against the md5 of the official files and written to a temp file then renamed, so an
-interrupted download never looks complete. The readers for image folders live in :mod:`selfsup.data.folder`.
+Downloads (md5-checked, atomic) live in :mod:`selfsup.data.download`, the official-format readers in
+:mod:`selfsup.data.formats`, the readers for image folders in :mod:`selfsup.data.folder`, and
+:class:`ImageDataset` / :class:`DataError` in :mod:`selfsup.data.types` (re-exported here).
 """
 
 from __future__ import annotations
 
 import difflib
-import gzip
-import hashlib
-import json
-import logging
 import os
-import pickle
-import shutil
-import struct
-import tarfile
-import tempfile
-import urllib.request
-import warnings
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+# The `name as name` imports re-export names that lived here before the split (folder.py and the tests use them).
+from selfsup.data.download import _download_dataset, cache_home
+from selfsup.data.download import _verify_md5 as _verify_md5
+from selfsup.data.download import atomic_write_json as atomic_write_json
+from selfsup.data.download import writable_cache_dir as writable_cache_dir
+from selfsup.data.formats import _cifar_has, _cifar_read, _idx_has, _idx_read, _stl_has, _stl_read
+from selfsup.data.formats import read_idx as read_idx
+from selfsup.data.formats import read_stl_images as read_stl_images
+from selfsup.data.types import DataError, ImageDataset, _numpy_to_tensor
 
-
-class DataError(RuntimeError):
-    """The data is missing, corrupt or unusable; the message names the path and says how to fix it."""
-
-
-# ----------------------------------------------------------------------------------------------- dataset type
-
-
-@dataclass
-class ImageDataset:
-    """Images as ``uint8 (N, C, H, W)`` with ``C`` in {1, 3}, plus optional integer labels.
-
-    ``images`` may be a ``torch.from_numpy`` view on a ``np.memmap`` (never written to), so index it in batches
-    (``images[idx]`` copies just those rows) rather than converting the whole tensor.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    classes: list[str] | None
-    name: str
-    skipped: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        x = self.images
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-            got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
-            raise ValueError(f"ImageDataset.images must be a uint8 tensor (N, C, H, W) with C in {{1, 3}}; got "
-                             f"{got}. Build datasets from arrays with selfsup.data.datasets.from_arrays().")
-        y = self.labels
-        if y is not None and (y.dtype != torch.int64 or y.shape != (len(x),)):
-            raise ValueError(f"ImageDataset.labels must be int64 of shape ({len(x)},); got {y.dtype} "
-                             f"{tuple(y.shape)}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def num_classes(self) -> int | None:
-        """``len(classes)`` when the names are known, else ``max(label) + 1``, else ``None``."""
-        if self.classes is not None:
-            return len(self.classes)
-        if self.labels is not None and len(self.labels):
-            return int(self.labels.max()) + 1
-        return None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.images.shape[1:]
-        return int(c), int(h), int(w)
-
-
-def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` without copying; read-only arrays are fine because datasets are never written."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        try:
-            return torch.from_numpy(a)
-        except TypeError as e:
-            raise ValueError(f"cannot use a numpy array of dtype {a.dtype} as images or labels: {e}") from e
+# ----------------------------------------------------------------------------------------------- from_arrays
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -287,298 +226,6 @@ def dataset_stats(name: str, channels: int | None = None) -> tuple[tuple[float, 
         return (0.5,), (0.5,)
     return info.mean, info.std
 
-
-# ----------------------------------------------------------------------------------------------- caches
-
-
-def cache_home() -> Path:
-    """``$XDG_CACHE_HOME/selfsup`` or ``~/.cache/selfsup``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfsup"
-
-
-def _is_writable_dir(path: Path) -> bool:
-    """Create ``path`` if needed and prove it is writable (os.access lies for root and read-only mounts)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
-
-
-def writable_cache_dir(explicit: str | os.PathLike | None, preferred: Path, fallback: Path) -> Path:
-    """``explicit`` (must be writable), else ``preferred``, else ``fallback`` (e.g. when the data is read-only)."""
-    if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not _is_writable_dir(path):
-            raise DataError(f"cache_dir {path} cannot be created or written; pass a writable directory")
-        return path
-    for path in (preferred, fallback):
-        if _is_writable_dir(path):
-            return path
-    raise DataError(f"neither {preferred} nor {fallback} is writable for the dataset cache; pass cache_dir=DIR")
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------- download
-
-
-def _verify_md5(path: str | os.PathLike, md5: str) -> str:
-    """Return the md5 of ``path``; a mismatch with ``md5`` -> DataError naming both digests."""
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != md5.lower():
-        raise DataError(f"checksum mismatch for {path}: md5 {h.hexdigest()}, expected {md5}. The file is corrupt "
-                        "or not the official one; delete it and download again.")
-    return h.hexdigest()
-
-
-def _download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``dest`` through a temp file in the same folder; rename only once the md5 matches."""
-    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
-    log.info("downloading %s -> %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-        _verify_md5(tmp, md5)
-    except (OSError, ValueError) as e:  # URLError and socket errors are OSErrors; ValueError: malformed URL
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download {url}: {e}") from e
-    except DataError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
-    return dest
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            if hasattr(tarfile, "data_filter"):  # refuses absolute paths, "..", devices (PEP 706)
-                tar.extractall(dest, filter="data")
-            else:  # Python < 3.10.12: same guard by hand
-                root = dest.resolve()
-                for member in tar.getmembers():
-                    if not (dest / member.name).resolve().is_relative_to(root) or member.isdev():
-                        raise DataError(f"{archive}: refusing to extract unsafe member {member.name!r}")
-                tar.extractall(dest)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"could not extract {archive}: {e}; delete it and download again") from e
-
-
-def _download_dataset(info: DatasetInfo, dest: Path) -> None:
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create download folder {dest}: {e}") from e
-    for item in info.downloads:
-        target = dest / item.filename
-        if target.exists():
-            try:
-                _verify_md5(target, item.md5)
-            except DataError:
-                target.unlink()
-        if not target.exists():
-            _download(item.url, target, item.md5)
-        if item.extract:
-            _extract(target, dest)
-            target.unlink()
-
-
-# ----------------------------------------------------------------------------------------------- idx (MNIST)
-
-_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: ubyte, 3 dims; 0x0801: ubyte, 1 dim
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-
-
-def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped when the file starts with the gzip magic (whatever its name)."""
-    try:
-        with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        opener = gzip.open if gzipped else open
-        with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read {path}: {e}. The file is truncated or corrupt; download it again.") from e
-
-
-def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
-    """Read an idx file (LeCun's MNIST format, also Fashion-MNIST) of ``kind`` "images" or "labels" as uint8.
-
-    Layout: big-endian magic ``0x0000 08 D`` (08 = ubyte, D = number of dims), D big-endian uint32 sizes, then
-    the data. The magic, and the declared sizes against the byte count, are checked.
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
-    expected = _IDX_MAGIC[kind]
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic != expected:
-        raise DataError(f"{path}: magic number {magic}, expected {expected} for an idx {kind} file. It is not an "
-                        f"idx {kind} file (wrong file?) or is corrupt; download it again.")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    size = header + int(np.prod(dims))
-    if len(raw) != size:
-        what = "truncated" if len(raw) < size else "longer than declared"
-        raise DataError(f"{path} is {what}: its header declares {kind} of shape {dims}, i.e. {size} bytes, but "
-                        f"it holds {len(raw)} bytes. Download it again.")
-    # A copy makes the array writable (frombuffer on bytes is read-only); ~50 MB for Fashion-MNIST train.
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
-
-
-def _idx_file(directory: Path, split: str, kind: str) -> Path | None:
-    stem = f"{_IDX_PREFIX[split]}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-    return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
-
-
-def _idx_has(directory: Path, split: str) -> bool:
-    return all(_idx_file(directory, split, kind) is not None for kind in ("images", "labels"))
-
-
-def _idx_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
-    images_path, labels_path = (_idx_file(directory, split, kind) for kind in ("images", "labels"))
-    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
-    if len(images) != len(labels):
-        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "
-                        "the two files come from different releases or one is corrupt")
-    if len(labels) and labels.max() >= len(info.classes):
-        raise DataError(f"{labels_path}: label {labels.max()} outside 0..{len(info.classes) - 1}")
-    return _dataset(images[:, None], labels, list(info.classes), info, split)
-
-
-def _dataset(images: np.ndarray, labels: np.ndarray | None, classes, info: DatasetInfo, split: str) -> ImageDataset:
-    y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
-    return ImageDataset(_numpy_to_tensor(images), y, classes, f"{info.name}/{split}")
-
-
-# ----------------------------------------------------------------------------------------------- CIFAR
-
-_CIFAR = {  # split -> batch files, label key, (meta file, names key)
-    "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels",
-                ("batches.meta", b"label_names")),
-    "cifar100": ({"train": ["train"], "test": ["test"]}, b"fine_labels", ("meta", b"fine_label_names")),
-}
-
-
-def _unpickle(path: Path) -> dict:
-    """The official CIFAR python pickles (trusted content: only load files whose checksum you know)."""
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise DataError(f"cannot unpickle {path}: {e!r}. The file is truncated or corrupt; download it again.") from e
-    if not isinstance(obj, dict):
-        raise DataError(f"{path} does not hold a CIFAR batch dict (got {type(obj).__name__})")
-    return obj
-
-
-def _cifar_has(name: str) -> Callable[[Path, str], bool]:
-    return lambda directory, split: all((directory / f).is_file() for f in _CIFAR[name][0][split])
-
-
-def _cifar_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
-    files, label_key, (meta_file, names_key) = _CIFAR[info.name]
-    images, labels = [], []
-    for path in (directory / f for f in files[split]):
-        batch = _unpickle(path)
-        if b"data" not in batch or label_key not in batch:
-            raise DataError(f"{path} lacks b'data' or {label_key!r} (keys: {sorted(batch)}); wrong file?")
-        data, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(y):
-            raise DataError(f"{path}: expected uint8 data (N, 3072) with N labels; got {data.dtype} {data.shape} "
-                            f"and {len(y)} labels")
-        images.append(data.reshape(-1, 3, 32, 32))  # each row: 1024 R, 1024 G, 1024 B, each row-major 32x32
-        labels.append(y)
-    meta = directory / meta_file
-    classes = ([c.decode() for c in _unpickle(meta)[names_key]] if meta.is_file()
-               else list(info.classes) if info.classes else None)
-    y = np.concatenate(labels)
-    if classes is not None and len(y) and y.max() >= len(classes):
-        raise DataError(f"{directory}: label {y.max()} outside 0..{len(classes) - 1}")
-    return _dataset(np.concatenate(images), y, classes, info, split)
-
-
-# ----------------------------------------------------------------------------------------------- STL-10
-
-_STL_PIXELS = 3 * 96 * 96
-_STL_FILES = {"train": [("train_X.bin", "train_y.bin")], "test": [("test_X.bin", "test_y.bin")],
-              "unlabeled": [("unlabeled_X.bin", None)]}
-_STL_FILES["train+unlabeled"] = _STL_FILES["train"] + _STL_FILES["unlabeled"]
-
-
-def _stl_has(directory: Path, split: str) -> bool:
-    return all((directory / x).is_file() and (y is None or (directory / y).is_file())
-               for x, y in _STL_FILES[split])
-
-
-def read_stl_images(path: Path) -> np.ndarray:
-    """Memory-map an STL-10 ``*_X.bin``: N images of 3x96x96 stored column-major, i.e. (C, W, H) per image.
-
-    Returned as an (N, C, H, W) transposed view on the memmap (STL-10 README; torchvision's reader does the same
-    transpose), so the 2.7 GB unlabeled split is never read into RAM.
-    """
-    size = path.stat().st_size
-    if size == 0 or size % _STL_PIXELS:
-        raise DataError(f"{path} holds {size} bytes, not a positive multiple of 3*96*96 = {_STL_PIXELS}: it is "
-                        "truncated or corrupt; download stl10_binary.tar.gz again")
-    mm = np.memmap(path, dtype=np.uint8, mode="c", shape=(size // _STL_PIXELS, 3, 96, 96))  # "c": never writes back
-    return mm.transpose(0, 1, 3, 2)
-
-
-def _stl_concat(parts: list[Path], cache: Path) -> Path:
-    """One file with the bytes of ``parts`` (a memmap cannot span files), rebuilt only when a part changed."""
-    target, meta = cache / "stl10-train+unlabeled_X.bin", cache / "stl10-train+unlabeled_X.json"
-    signature = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in parts]
-    try:
-        if json.loads(meta.read_text()) == signature and target.stat().st_size == sum(s for _, s, _ in signature):
-            return target
-    except (OSError, ValueError):
-        pass
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 24)
-    os.replace(tmp, target)
-    atomic_write_json(meta, signature)
-    return target
-
-
-def _stl_labels(path: Path, n: int) -> np.ndarray:
-    y = np.fromfile(path, dtype=np.uint8)
-    if len(y) != n:
-        raise DataError(f"{path} holds {len(y)} labels but the matching images file holds {n} images")
-    if len(y) and (y.min() < 1 or y.max() > 10):
-        raise DataError(f"{path}: labels must lie in 1..10, found {y.min()}..{y.max()}; corrupt file?")
-    return y - 1
-
-
-def _stl_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
-    parts = _STL_FILES[split]
-    if len(parts) == 1:
-        x_path = directory / parts[0][0]
-    else:  # train+unlabeled: labels would exist for 5% only, so the combined split is unlabeled
-        cache = writable_cache_dir(cache_dir, directory / ".selfsup_cache", cache_home() / "stl10")
-        for x, _ in parts:
-            read_stl_images(directory / x)  # validate each part before concatenating
-        x_path = _stl_concat([directory / x for x, _ in parts], cache)
-    images = read_stl_images(x_path)
-    y_name = parts[0][1] if len(parts) == 1 else None
-    labels = None if y_name is None else _stl_labels(directory / y_name, len(images))
-    names = directory / "class_names.txt"
-    classes = names.read_text().split() if names.is_file() else list(info.classes)
-    return _dataset(images, labels, classes, info, split)
 
 
 # ----------------------------------------------------------------------------------------------- finding

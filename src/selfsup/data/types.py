@@ -1,0 +1,71 @@
+"""The dataset type shared by every reader: :class:`ImageDataset` (uint8 ``N x C x H x W``) and :class:`DataError`.
+
+Kept apart from :mod:`selfsup.data.datasets` so that the format readers (:mod:`selfsup.data.formats`), the
+download helpers (:mod:`selfsup.data.download`) and the folder reader can import them without import cycles;
+import them from :mod:`selfsup.data.datasets` (or :mod:`selfsup.data`) in user code (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """The data is missing, corrupt or unusable; the message names the path and says how to fix it."""
+
+
+@dataclass
+class ImageDataset:
+    """Images as ``uint8 (N, C, H, W)`` with ``C`` in {1, 3}, plus optional integer labels.
+
+    ``images`` may be a ``torch.from_numpy`` view on a ``np.memmap`` (never written to), so index it in batches
+    (``images[idx]`` copies just those rows) rather than converting the whole tensor.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str] | None
+    name: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        x = self.images
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
+            raise ValueError(f"ImageDataset.images must be a uint8 tensor (N, C, H, W) with C in {{1, 3}}; got "
+                             f"{got}. Build datasets from arrays with selfsup.data.datasets.from_arrays().")
+        y = self.labels
+        if y is not None and (y.dtype != torch.int64 or y.shape != (len(x),)):
+            raise ValueError(f"ImageDataset.labels must be int64 of shape ({len(x)},); got {y.dtype} "
+                             f"{tuple(y.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int | None:
+        """``len(classes)`` when the names are known, else ``max(label) + 1``, else ``None``."""
+        if self.classes is not None:
+            return len(self.classes)
+        if self.labels is not None and len(self.labels):
+            return int(self.labels.max()) + 1
+        return None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without copying; read-only arrays are fine because datasets are never written."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        try:
+            return torch.from_numpy(a)
+        except TypeError as e:
+            raise ValueError(f"cannot use a numpy array of dtype {a.dtype} as images or labels: {e}") from e
