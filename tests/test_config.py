@@ -40,6 +40,8 @@ def test_unknown_key_names_closest(override, expected):
     ("batch_size=0", ">= 1"),
     ("recipe=fmnist-lng", "fmnist-long"),
     ("epochs", "key=value"),
+    ("model.backbone=resnet81", "resnet18"),
+    ("data=fmnst", "fashion"),
 ])
 def test_bad_values_rejected(override, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -317,6 +317,18 @@ def _check(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    from selfsup.data.datasets import canonical_name
+    from selfsup.nn.backbones import backbone_names
+
+    if not cfg.model.backbone.startswith("timm:") and cfg.model.backbone not in backbone_names():
+        close = difflib.get_close_matches(cfg.model.backbone, backbone_names(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown.{hint} Valid: "
+                          f"{', '.join(backbone_names())}, or timm:<model name>")
+    try:
+        canonical_name(cfg.data.name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"data.name: {e.args[0] if e.args else e}") from None
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train.accumulate": cfg.train.accumulate,
                 "views.size": cfg.views.size}
     for key, value in positive.items():
