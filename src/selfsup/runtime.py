@@ -52,21 +52,32 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+def atomic_write(path: Path, write_to) -> None:
+    """Call `write_to(tmp_path)` on a temporary file in the same folder, then rename it over `path`: a crash never
+    leaves a half-written file. The one atomic writer of the package (checkpoints, exports, caches, JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_to(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """`write(f)` on a binary file object, atomically (see `atomic_write`)."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, to_file)
 
 
 def save_json(path: Path, obj) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from selfsup.data.types import DataError
+from selfsup.runtime import atomic_write
 
 if TYPE_CHECKING:
     from selfsup.data.datasets import DatasetInfo
@@ -59,9 +60,7 @@ def writable_cache_dir(explicit: str | os.PathLike | None, preferred: Path, fall
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
 
 
 # ----------------------------------------------------------------------------------------------- download

@@ -17,7 +17,6 @@ import difflib
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from selfsup.nn.resnet import DEPTHS, resnet
 from selfsup.nn.vit import SIZES, VisionTransformer, vit
+from selfsup.runtime import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "backbone.safetensors"
@@ -124,18 +124,6 @@ def _tensors_for_safetensors(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_backbone(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``directory/backbone.safetensors`` and ``directory/backbone.json``; return the directory."""
     from safetensors.torch import save_file
@@ -152,8 +140,8 @@ def export_backbone(model: nn.Module, directory: str | os.PathLike, extra: dict 
     }
     text = json.dumps(config, indent=2)  # fail on a bad `extra` before writing anything
     tensors = _tensors_for_safetensors(model.state_dict())
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
 
 
