@@ -63,6 +63,9 @@ def test_resume_is_exact(method, optim, tiny_fmnist, tmp_path):
     assert main(_args(method, tiny_fmnist, b, *fast, "resume=auto")) == 0
     sa = torch.load(a / "checkpoints/last.pt", weights_only=True)
     sb = torch.load(b / "checkpoints/last.pt", weights_only=True)
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        for k in ga:  # same device for every state tensor (e.g. AdamW's step stays on the CPU after a resume)
+            assert torch.as_tensor(ga[k]).device == torch.as_tensor(gb[k]).device, f"optimizer state {k} device"
     assert sa["step"] == sb["step"] == 8
     for part in ["method", "probe"]:
         assert sa[part].keys() == sb[part].keys()
@@ -109,7 +112,7 @@ def test_torchrun_two_processes(tiny_fmnist, tmp_path):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "selfsup",
-           *_args("simclr", tiny_fmnist, out, "eval.linear=false", "epochs=1")]
+           *_args("simclr", tiny_fmnist, out, "eval.linear=false", "epochs=1", "train.device=cpu")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

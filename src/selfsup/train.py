@@ -216,7 +216,9 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     start_step = 0
     resume = Path(cfg.resume) if cfg.resume not in (None, "auto") else (ckpt_path if cfg.resume == "auto" else None)
     if resume is not None and resume.exists():
-        state = torch.load(resume, map_location=device, weights_only=True)
+        # to CPU: load_state_dict copies weights onto the device and moves optimizer state next to its parameters,
+        # except AdamW's scalar `step`, which must stay a CPU tensor (a CUDA one syncs every step)
+        state = torch.load(resume, map_location="cpu", weights_only=True)
         raw.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         if probe is not None and state["probe"] is not None:
