@@ -106,3 +106,47 @@ def extract_features(
     if out is None:
         raise ValueError("extract_features got an empty image array (N = 0); there is nothing to encode.")
     return out
+
+
+@torch.no_grad()
+def extract_view_features(
+    encoder: Callable[[Tensor], Tensor],
+    images_uint8: Tensor | np.ndarray,
+    view_maker: Callable[[Tensor, torch.Generator], list[Tensor]],
+    *,
+    n_views: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Features ``(N, n_views, D)`` float32 of ``n_views`` augmented views of each uint8 image (for LiDAR).
+
+    ``view_maker(batch_uint8, generator)`` returns a list of normalized views (a
+    :class:`selfsup.data.views.MultiView`); it is called until ``n_views`` views exist, each batch with its own
+    seeded generator, so the result depends on ``seed``, ``batch_size`` and the image order only.
+    """
+    _check_images(images_uint8)
+    if n_views < 2:
+        raise ValueError(f"n_views must be >= 2 (views of the same image are compared), got {n_views}.")
+    device = torch.device(device)
+    was_training = encoder.training if isinstance(encoder, nn.Module) else None
+    if isinstance(encoder, nn.Module):
+        encoder.eval()
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    chunks = []
+    try:
+        for start in range(0, int(images_uint8.shape[0]), batch_size):
+            x = _as_uint8_batch(images_uint8, start, start + batch_size).to(device)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+            views: list[Tensor] = []
+            while len(views) < n_views:
+                views += view_maker(x, gen)
+            with torch.inference_mode(), autocast:
+                feats = [encoder(v).float().cpu() for v in views[:n_views]]
+            chunks.append(torch.stack(feats, dim=1))
+    finally:
+        if was_training is not None:
+            encoder.train(was_training)
+    return torch.cat(chunks).clone()
