@@ -9,7 +9,9 @@ import sys
 from selfsup.config import ConfigError, build_config, recipe_names
 
 USAGE = """selfsup train METHOD [key=value ...]   train a method, then evaluate it (e.g. selfsup train simclr epochs=2)
-selfsup eval RUN_DIR [key=value ...]    evaluate a finished or interrupted run
+selfsup eval RUN_DIR [key=value ...]    evaluate a run: eval.json + report.html (every protocol of cookbook §3.7)
+selfsup eval BACKBONE data=NAME         evaluate an exported backbone (folder or .safetensors) on a dataset
+selfsup compare RUN_DIR... [--out DIR]  rank runs by RankMe and by probe accuracy side by side (cookbook Table 3)
 selfsup recipes                         list methods and recipes with the cookbook section each comes from"""
 
 
@@ -21,9 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("method")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=10 optim.base_lr=0.5 data=folder")
     t.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    e = sub.add_parser("eval", help="evaluate a run directory")
-    e.add_argument("run_dir")
-    e.add_argument("overrides", nargs="*")
+    e = sub.add_parser("eval", help="evaluate a run directory or an exported backbone")
+    e.add_argument("run_dir", metavar="TARGET", help="a run directory, or an exported backbone (folder or file)")
+    e.add_argument("overrides", nargs="*", help="key=value, e.g. eval.mlp=false eval.decoder=true data=cifar10")
+    c = sub.add_parser("compare", help="compare runs by RankMe and probe accuracy")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", default="compare", help="folder for compare.html (default ./compare)")
     sub.add_parser("recipes", help="list methods and recipes")
     return p
 
@@ -80,17 +85,66 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from selfsup.evaluate.run import evaluate_run, load_run_config
+    from pathlib import Path
 
+    from selfsup.data.datasets import DataError
+    from selfsup.evaluate.run import evaluate_backbone, evaluate_run, load_run_config
+
+    target = Path(args.run_dir)
     try:
-        cfg = load_run_config(args.run_dir, args.overrides)
+        if (target / "config.yaml").exists():
+            cfg = load_run_config(target, args.overrides)
+            run = lambda: evaluate_run(target, cfg)  # noqa: E731
+        else:
+            cfg = _eval_only_config(args.overrides)
+            run = lambda: evaluate_backbone(target, cfg)  # noqa: E731
     except ConfigError as e:
         print(f"selfsup: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"selfsup: {e}", file=sys.stderr)
         return 2
-    evaluate_run(args.run_dir, cfg)
+    try:
+        run()
+    except DataError as e:
+        print(f"selfsup: data error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("SELFSUP_DEBUG"):
+            raise
+        print(f"selfsup: error: {e}\n(set SELFSUP_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval_only_config(overrides: list[str]):
+    """Config for evaluating a bare backbone: data.*, eval.*, train.device/precision, seed and out apply."""
+    from selfsup.config import Config, _set, parse_override
+
+    cfg = Config(method="none")
+    for o in overrides:
+        key, value = parse_override(o)
+        if key == "data" and isinstance(value, str):
+            key = "data.name"
+        if key.split(".")[0] not in ("data", "eval", "train", "seed", "out"):
+            raise ConfigError(f"'{key}' does not apply when evaluating a backbone; use data.*, eval.*, "
+                              "train.device, train.precision, seed or out")
+        _set(cfg, key, value)
+    if not any(o.split("=")[0] in ("data", "data.name") for o in overrides):
+        raise ConfigError("evaluating an exported backbone needs the dataset: add data=NAME "
+                          "(e.g. data=fashion_mnist, data=cifar10, data=folder data.root=DIR)")
+    return cfg
+
+
+def cmd_compare(args) -> int:
+    from selfsup.evaluate.run import compare_runs
+
+    try:
+        path = compare_runs(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"selfsup: {e}", file=sys.stderr)
+        return 2
+    print(f"selfsup compare: {path}")
     return 0
 
 
@@ -103,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "recipes":
         return cmd_recipes()
     _parser().print_help()

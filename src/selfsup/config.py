@@ -98,10 +98,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20                       # fmnist-knn protocol (DESIGN.md §4; DINO)
+    """What `selfsup eval` (and the end of `selfsup train`) runs; cookbook §3.7, §3.2, §2.6.2."""
+    knn_k: int = 20                       # fmnist-knn protocol (DESIGN.md §4; DINO): the headline k
     knn_temperature: float = 0.07
+    knn_ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # all in one pass (DINO reports 10/20/100/200)
     linear: bool = True
     linear_epochs: int = 30               # on cached features; fits well under a minute on 2 CPU cores
+    mlp: bool = True                      # 2-layer MLP probe with early stopping (§3.7.1, Fig. 13)
+    linear_aug: bool = False              # linear probe on augmented views: one encoder pass per epoch (slow on CPU)
+    finetune: bool = False                # full fine-tuning (§3.5.4; layer-wise lr decay for ViTs): slow on CPU
+    finetune_epochs: int = 10
+    guillotine: bool = True               # probe + RankMe at the backbone and every projector layer (§3.2, Fig. 10)
+    label_free: bool = True               # RankMe (eq. 17), alpha-ReQ, spectra (§3.7.2, §2.6.2)
+    lidar_images: int = 1000              # LiDAR on this many images x lidar_views augmented views; 0 = off
+    lidar_views: int = 8
+    rotation: bool = True                 # rotation-prediction probe as a label-free proxy (§3.7.2)
+    decoder: bool = False                 # RCDM-like conditional diffusion decoder (§3.7.4): minutes per representation
+    decoder_steps: int = 3000
+    report: bool = True                   # report.html: curves, spectra, guillotine table, t-SNE map, retrieval grid
+    tsne_points: int = 2000
     init_baseline: bool = True            # kNN of the same network at initialization
 
 
@@ -157,6 +172,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key} expects a non-empty list like [10, 20], got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

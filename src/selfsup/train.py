@@ -319,7 +319,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     save_json(run_dir / "summary.json", summary)
     from selfsup.evaluate.run import evaluate_run
 
-    summary = evaluate_run(run_dir, cfg, train_data, test_data, encoder=raw.encoder, device=device, probe=probe)
+    summary = evaluate_run(run_dir, cfg, train_data, test_data, method=raw, device=device, probe=probe)
     summary["total_seconds"] = round(time.time() - t_start, 1)
     save_json(run_dir / "summary.json", summary)
     return summary

@@ -1,7 +1,12 @@
-"""Evaluate a run directory: fmnist-knn / fmnist-linear style protocols on the backbone, plus the untrained baseline.
+"""`selfsup eval TARGET`: a run directory, an exported backbone, or (from Python) any model.
 
-Used at the end of `selfsup train` and by `selfsup eval RUN_DIR`, which also works on an interrupted run (it falls back
-to the last checkpoint when no exported backbone exists yet).
+- A run directory (has ``config.yaml``): the exported backbone, or the encoder of the last checkpoint for an interrupted
+  run; the projector and the training augmentation come from the checkpoint (guillotine probing, spectra after the
+  projector, LiDAR with the method's own views). Results go to ``RUN_DIR/eval.json`` + ``report.html``, and the
+  headline numbers to ``summary.json``.
+- An exported backbone (a folder or file with ``backbone.safetensors`` + ``backbone.json``, e.g. ``RUN_DIR/init`` or
+  something a colleague sent): needs ``data=NAME``; normalization comes from ``backbone.json`` when recorded there.
+- Python: :func:`evaluate` takes an ``nn.Module`` / callable (a timm model, your own network) and a dataset name.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from selfsup.config import Config, config_from_dict
+from selfsup.config import Config, EvalConfig, config_from_dict
 from selfsup.data.datasets import ImageDataset, dataset_stats
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.plots import plot_training
-from selfsup.evaluate.probe import linear_probe
+from selfsup.evaluate.suite import evaluate_model
 from selfsup.nn.backbones import load_backbone
 from selfsup.runtime import autocast_dtype, save_json, select_device
+
+HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top1_init")
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
@@ -45,59 +53,48 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     return cfg
 
 
-def load_run_encoder(run_dir: Path, cfg: Config, in_chans: int, device) -> torch.nn.Module:
-    """The exported backbone when there is one, else the encoder inside the last checkpoint."""
-    run_dir = Path(run_dir)
-    if (run_dir / "backbone.safetensors").exists():
-        return load_backbone(run_dir).to(device)
-    ckpt = run_dir / "checkpoints" / "last.pt"
+def load_run_method(run_dir: Path, cfg: Config, in_chans: int) -> nn.Module | None:
+    """The whole SSL method (encoder, projector, view maker) from ``checkpoints/last.pt``, or None without one."""
+    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
     if not ckpt.exists():
-        raise FileNotFoundError(
-            f"{run_dir} has neither backbone.safetensors nor checkpoints/last.pt to evaluate"
-        )
+        return None
     from selfsup.methods import get_method
 
     mean, std = dataset_stats(cfg.data.name, channels=in_chans)
     method = get_method(cfg.method).build(cfg, in_chans, mean, std)
     method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["method"])
+    return method.eval()
+
+
+def load_run_encoder(run_dir: Path, cfg: Config, in_chans: int, device) -> nn.Module:
+    """The exported backbone when there is one, else the encoder inside the last checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / "backbone.safetensors").exists():
+        return load_backbone(run_dir).to(device)
+    method = load_run_method(run_dir, cfg, in_chans)
+    if method is None:
+        raise FileNotFoundError(
+            f"{run_dir} has neither backbone.safetensors nor checkpoints/last.pt to evaluate"
+        )
     return method.encoder.to(device).eval()
 
 
-def evaluate_encoder(
-    encoder,
-    train_data: ImageDataset,
-    test_data: ImageDataset,
-    mean,
-    std,
-    cfg: Config,
-    device,
-    linear: bool = True,
-    probe=None,
-) -> dict:
+def _global_views(view_maker):
+    """The method's global views only (local crops have another size): LiDAR's view distribution."""
+    from selfsup.data.views import MultiView
+
+    return MultiView(view_maker.global_cfgs) if view_maker is not None else None
+
+
+def init_knn(init_dir: Path, train_data, test_data, mean, std, cfg: Config, device) -> float:
+    """kNN top-1 of the network at initialization (the "untrained" baseline every SSL number is compared with)."""
     amp = autocast_dtype(cfg.train.precision, device)
-    train_f = extract_features(encoder, train_data.images, mean, std, device=device, dtype=amp)
-    test_f = extract_features(encoder, test_data.images, mean, std, device=device, dtype=amp)
-    knn = knn_classify(
-        train_f,
-        train_data.labels,
-        test_f,
-        test_data.labels,
-        k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
-    )
-    out = {"knn_top1": round(float(knn["top1"][cfg.eval.knn_k]), 2), "knn_protocol": knn["protocol"]}
-    if probe is not None:  # the online probe (trained on augmented views during pre-training), on the test split
-        probe.eval()
-        with torch.no_grad():
-            pred = probe(test_f.to(next(probe.parameters()).device)).argmax(1).cpu()
-        out["online_probe_top1"] = round(100 * float((pred == test_data.labels).float().mean()), 2)
-    if linear:
-        lin = linear_probe(
-            train_f, train_data.labels, test_f, test_data.labels, epochs=cfg.eval.linear_epochs, seed=cfg.seed
-        )
-        out["linear_top1"] = round(float(lin["top1"]), 2)
-        out["linear_probe"] = {k: v for k, v in lin.items() if k != "top1"}
-    return out
+    init = load_backbone(init_dir).to(device)
+    tr = extract_features(init, train_data.images, mean, std, device=device, dtype=amp)
+    te = extract_features(init, test_data.images, mean, std, device=device, dtype=amp)
+    res = knn_classify(tr, train_data.labels, te, test_data.labels, k=cfg.eval.knn_k,
+                       temperature=cfg.eval.knn_temperature, device=device)
+    return round(float(res["top1"][cfg.eval.knn_k]), 2)
 
 
 def evaluate_run(
@@ -105,11 +102,15 @@ def evaluate_run(
     cfg: Config,
     train_data: ImageDataset | None = None,
     test_data: ImageDataset | None = None,
-    encoder=None,
+    method: nn.Module | None = None,
     device=None,
     probe=None,
 ) -> dict:
-    """Evaluate the run's backbone, update summary.json and the plots, and return the summary."""
+    """Evaluate a run directory: eval.json + report.html, headline numbers into summary.json; returns the summary.
+
+    ``method`` is the trained SSL method when the caller has it in memory (end of training); otherwise it is
+    rebuilt from the last checkpoint, or only the exported backbone is evaluated when no checkpoint exists.
+    """
     run_dir = Path(run_dir)
     t0 = time.time()
     device = device or select_device(cfg.train.device)
@@ -121,27 +122,201 @@ def evaluate_run(
     mean, std = dataset_stats(cfg.data.name, channels=C)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"method": cfg.method}
-    if test_data is not None and train_data.labels is not None and test_data.labels is not None:
-        encoder = encoder if encoder is not None else load_run_encoder(run_dir, cfg, C, device)
-        summary.update(
-            evaluate_encoder(encoder, train_data, test_data, mean, std, cfg, device, cfg.eval.linear, probe)
-        )
-        if cfg.eval.init_baseline and (run_dir / "init").exists():
-            init = load_backbone(run_dir / "init").to(device)
-            base = evaluate_encoder(init, train_data, test_data, mean, std, cfg, device, linear=False)
-            summary["knn_top1_init"] = base["knn_top1"]
-        say = f"kNN top-1 {summary['knn_top1']:.2f}%"
-        if "linear_top1" in summary:
-            say += f", linear top-1 {summary['linear_top1']:.2f}%"
-        if "knn_top1_init" in summary:
-            say += f" (untrained network: kNN {summary['knn_top1_init']:.2f}%)"
-        print(f"selfsup eval: {say}", flush=True)
+    if method is None:
+        method = load_run_method(run_dir, cfg, C)
+        encoder = load_run_encoder(run_dir, cfg, C, device)
     else:
-        print("selfsup eval: no labelled test split; label-based evaluation skipped", flush=True)
-    summary["eval_seconds"] = round(time.time() - t0, 1)
+        encoder = method.encoder
+    projector = getattr(method, "projector", None) if method is not None else None
+    view_maker = getattr(method, "view_maker", None) if method is not None else None
+    labelled = test_data is not None and train_data.labels is not None and test_data.labels is not None
+    extra = {"encoder": {"source": "run", "path": str(run_dir), "name": cfg.model.backbone},
+             "run": {k: summary.get(k) for k in ("method", "recipe", "epochs", "steps", "batch_size", "lr",
+                                                 "train_seconds", "samples_per_second", "device", "cpu")}}
+    if labelled and cfg.eval.init_baseline and (run_dir / "init").exists():
+        extra["knn_top1_init"] = init_knn(run_dir / "init", train_data, test_data, mean, std, cfg, device)
+    if probe is None and "online_probe_top1" in summary:  # measured at the end of training; kept in the eval
+        extra["online_probe_top1"] = summary["online_probe_top1"]
+    plots = []
     if (run_dir / "metrics.jsonl").exists():
-        summary["plots"] = [
-            str(p.relative_to(run_dir)) for p in plot_training(run_dir / "metrics.jsonl", run_dir)
-        ]
+        plots = [str(p.relative_to(run_dir)) for p in plot_training(run_dir / "metrics.jsonl", run_dir)]
+    result = evaluate_model(
+        encoder, train_data, test_data, mean, std, cfg.eval,
+        projector=projector, view_maker=_global_views(view_maker), device=device,
+        dtype=autocast_dtype(cfg.train.precision, device), seed=cfg.seed, out_dir=run_dir,
+        metrics_path=run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else None,
+        online_probe=probe, extra=extra,
+    )
+    for key in HEADLINE:
+        if key in result:
+            summary[key] = result[key]
+    lf = result.get("label_free", {})
+    for key, sub, field in (("rankme", "rankme", "value"), ("lidar", "lidar", "value"),
+                            ("rotation_top1", "rotation", "top1")):
+        if sub in lf:
+            summary[key] = lf[sub][field]
+    if "alpha_req" in lf and "alpha" in lf["alpha_req"]:
+        summary["alpha_req"] = round(lf["alpha_req"]["alpha"], 3)
+    summary["eval_seconds"] = round(time.time() - t0, 1)
+    summary["plots"] = plots
+    summary["eval"] = "eval.json" + (", report.html" if cfg.eval.report else "")
     save_json(summary_path, summary)
+    print(f"selfsup eval: {headline(summary)}", flush=True)
+    if cfg.eval.report:
+        print(f"selfsup eval: report {run_dir / 'report.html'}", flush=True)
     return summary
+
+
+def headline(summary: dict) -> str:
+    parts = []
+    names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "mlp_top1": "MLP top-1",
+             "online_probe_top1": "online probe", "rankme": "RankMe", "rotation_top1": "rotation proxy"}
+    for key, name in names.items():
+        if summary.get(key) is not None:
+            parts.append(f"{name} {summary[key]:.2f}{'%' if key.endswith('top1') else ''}")
+    if "knn_top1_init" in summary:
+        parts.append(f"(untrained network: kNN {summary['knn_top1_init']:.2f}%)")
+    return ", ".join(parts) if parts else "no labelled test split; label-free metrics only"
+
+
+def evaluate(
+    model: nn.Module,
+    data: str | tuple[ImageDataset, ImageDataset | None] = "fashion_mnist",
+    *,
+    out_dir: str | Path | None = None,
+    mean=None,
+    std=None,
+    root: str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    **eval_options,
+) -> dict:
+    """Evaluate any encoder (``nn.Module`` or callable mapping normalized ``(B, C, H, W)`` to ``(B, D)``) on a
+    dataset the package reads (by name) or on ``(train, test)`` :class:`ImageDataset` s; returns the eval.json dict.
+
+    ``eval_options`` are :class:`selfsup.config.EvalConfig` fields (``mlp=False``, ``knn_ks=[20]`` ...). ``mean`` /
+    ``std`` default to the dataset's statistics. Example with a timm model::
+
+        import timm, selfsup
+        m = timm.create_model("resnet18", pretrained=True, num_classes=0, in_chans=1)
+        selfsup.evaluate(m, "fashion_mnist", out_dir="eval-timm", mlp=False)
+    """
+    opts = EvalConfig()
+    for k, v in eval_options.items():
+        if not hasattr(opts, k):
+            import difflib
+
+            close = difflib.get_close_matches(k, list(vars(opts)), n=1)
+            raise TypeError(f"unknown evaluation option {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        setattr(opts, k, v)
+    if isinstance(data, str):
+        from selfsup.data.datasets import load_dataset
+
+        train = load_dataset(data, "train", root=root)
+        try:
+            test = load_dataset(data, "test", root=root)
+        except (ValueError, KeyError):
+            test = None
+        name = data
+    else:
+        train, test = data
+        name = train.name.split("/")[0]
+    C = train.image_shape[0]
+    if mean is None or std is None:
+        mean, std = dataset_stats(name, channels=C)
+    device = select_device(device or "auto")
+    return evaluate_model(model, train, test, mean, std, opts, device=device, seed=seed, out_dir=out_dir,
+                          extra={"encoder": {"source": "module", "name": type(model).__name__}})
+
+
+def _backbone_stats(target: Path, cfg: Config, channels: int):
+    """Normalization recorded in backbone.json at export time, else the dataset's statistics."""
+    from selfsup.nn.backbones import _export_files
+
+    meta = json.loads(_export_files(target)[1].read_text())
+    if len(meta.get("mean") or []) == channels and len(meta.get("std") or []) == channels:
+        return meta["mean"], meta["std"], "backbone.json"
+    mean, std = dataset_stats(cfg.data.name, channels=channels)
+    return mean, std, f"{cfg.data.name} statistics"
+
+
+def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
+    """`selfsup eval BACKBONE data=NAME`: every protocol that needs no projector, on an exported backbone."""
+    from selfsup.train import load_data
+
+    target = Path(target)
+    device = select_device(cfg.train.device)
+    encoder = load_backbone(target).to(device)
+    train_data, test_data = load_data(cfg)
+    C = train_data.image_shape[0]
+    in_chans = getattr(encoder, "in_chans", None)
+    probe_x = torch.zeros(1, C, *train_data.image_shape[1:], device=device)
+    try:
+        encoder(probe_x)
+    except RuntimeError as e:
+        raise ValueError(f"the backbone in {target} does not accept {C}-channel "
+                         f"{train_data.image_shape[1]}x{train_data.image_shape[2]} images of {cfg.data.name} "
+                         f"(in_chans={in_chans}): {e}") from e
+    mean, std, stats_from = _backbone_stats(target, cfg, C)
+    out = Path(cfg.out) if cfg.out else (target if target.is_dir() else target.parent) / f"eval-{cfg.data.name}"
+    print(f"selfsup eval: {target} on {train_data.name} ({len(train_data)} train"
+          f"{f', {len(test_data)} test' if test_data is not None else ''}); normalization from {stats_from}; "
+          f"writing {out}", flush=True)
+    result = evaluate_model(encoder, train_data, test_data, mean, std, cfg.eval, device=device,
+                            dtype=autocast_dtype(cfg.train.precision, device), seed=cfg.seed, out_dir=out,
+                            extra={"encoder": {"source": "backbone", "path": str(target)}})
+    flat = dict(result)
+    lf = result.get("label_free", {})
+    if "rankme" in lf:
+        flat["rankme"] = lf["rankme"]["value"]
+    if "rotation" in lf:
+        flat["rotation_top1"] = lf["rotation"]["top1"]
+    print(f"selfsup eval: {headline(flat)}", flush=True)
+    if cfg.eval.report:
+        print(f"selfsup eval: report {out / 'report.html'}", flush=True)
+    return result
+
+
+QUICK_EVAL = ["eval.mlp=false", "eval.rotation=false", "eval.lidar_images=0", "eval.report=false",
+              "eval.guillotine=false", "eval.decoder=false", "eval.linear_aug=false", "eval.finetune=false"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """`selfsup compare`: one row per run from its eval.json (evaluated first, quickly, when it has none)."""
+    import yaml
+
+    from selfsup.evaluate.compare import write_compare_report
+
+    runs = [Path(r) for r in run_dirs]
+    for r in runs:
+        if not (r / "config.yaml").exists():
+            raise FileNotFoundError(f"{r} is not a selfsup run directory (no config.yaml)")
+    configs = [_flatten(yaml.safe_load((r / "config.yaml").read_text())) for r in runs]
+    ignore = {"out", "description", "resume", "resolved_views"}
+    varying = sorted(k for k in set().union(*configs)
+                     if k.split(".")[0] not in ignore and len({json.dumps(c.get(k)) for c in configs}) > 1)
+    rows = []
+    for r, c in zip(runs, configs, strict=True):
+        path = r / "eval.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        if "rankme" not in result.get("label_free", {}):
+            print(f"selfsup compare: {r} has no eval.json with RankMe; evaluating it (kNN, linear, RankMe)",
+                  flush=True)
+            evaluate_run(r, load_run_config(r, QUICK_EVAL))
+            result = json.loads(path.read_text())
+        lf = result.get("label_free", {})
+        rows.append({"name": r.name, "path": str(r), "hparams": {k: c.get(k) for k in varying},
+                     "rankme": lf.get("rankme", {}).get("value"),
+                     "alpha_req": lf.get("alpha_req", {}).get("alpha"),
+                     "knn_top1": result.get("knn_top1"), "linear_top1": result.get("linear_top1")})
+    return write_compare_report(out_dir, rows)
