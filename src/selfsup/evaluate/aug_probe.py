@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.data.augment import normalize_float, resized_crop, sample_crop_boxes
@@ -33,9 +32,9 @@ from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.probe import (
     DEFAULT_LRS,
     DEFAULT_WEIGHT_DECAYS,
-    _head_logits,
     cosine_factor,
     head_accuracies,
+    sgd_step_heads,
     stratified_split,
 )
 
@@ -128,33 +127,6 @@ def standardizer(plain_train: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor
     std = plain_train.std(dim=0)
     scale = torch.where(std > eps * std.max(), 1.0 / (std + eps), torch.zeros_like(std))
     return plain_train.mean(dim=0), scale
-
-
-@torch.no_grad()
-def sgd_step_heads(
-    xb: Tensor,
-    yb: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    buf_w: Tensor,
-    buf_b: Tensor,
-    lr: Tensor,
-    weight_decay: Tensor,
-    momentum: float,
-) -> None:
-    """One in-place SGD-momentum step of G softmax-regression heads (``weight (D, G, C)``, ``bias (G, C)``).
-
-    Exactly the inner step of ``probe.train_linear_heads``: closed-form gradient of the mean cross-entropy,
-    weight decay on the weight only, per-head ``lr (G,)`` (already scaled by the schedule).
-    """
-    grad_logits = _head_logits(xb, weight, bias).softmax(dim=2)
-    grad_logits -= F.one_hot(yb, weight.shape[2])[:, None, :]
-    grad_logits /= len(yb)
-    grad_w = (xb.T @ grad_logits.view(len(yb), -1)).view_as(weight)
-    buf_w.mul_(momentum).add_(grad_w + weight_decay[:, None] * weight)
-    buf_b.mul_(momentum).add_(grad_logits.sum(dim=0))
-    weight.sub_(lr[:, None] * buf_w)
-    bias.sub_(lr[:, None] * buf_b)
 
 
 def augmented_linear_probe(

@@ -60,6 +60,34 @@ def _head_logits(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def sgd_step_heads(
+    xb: Tensor,
+    yb: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    buf_w: Tensor,
+    buf_b: Tensor,
+    lr: Tensor,
+    weight_decay: Tensor,
+    momentum: float,
+) -> None:
+    """One in-place SGD-momentum step of G softmax-regression heads (``weight (D, G, C)``, ``bias (G, C)``).
+
+    The step of :func:`train_linear_heads` (and of the augmented probe): closed-form gradient of the mean
+    cross-entropy, d/d(logits) = (softmax - one_hot) / B for every head at once, weight decay on the weight only,
+    per-head ``lr (G,)`` already scaled by the schedule.
+    """
+    grad_logits = _head_logits(xb, weight, bias).softmax(dim=2)
+    grad_logits -= F.one_hot(yb, weight.shape[2])[:, None, :]
+    grad_logits /= len(yb)
+    grad_w = (xb.T @ grad_logits.view(len(yb), -1)).view_as(weight)
+    buf_w.mul_(momentum).add_(grad_w + weight_decay[:, None] * weight)
+    buf_b.mul_(momentum).add_(grad_logits.sum(dim=0))
+    weight.sub_(lr[:, None] * buf_w)
+    bias.sub_(lr[:, None] * buf_b)
+
+
+@torch.no_grad()
 def train_linear_heads(
     x: Tensor,
     y: Tensor,
@@ -93,18 +121,7 @@ def train_linear_heads(
         order = torch.randperm(n, generator=gen).to(x.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            xb = x[idx]
-            # d(mean cross-entropy)/d(logits) = (softmax - one_hot) / B, for every head at once: (B, G, C)
-            grad_logits = _head_logits(xb, weight, bias).softmax(dim=2)
-            grad_logits -= F.one_hot(y[idx], num_classes)[:, None, :]
-            grad_logits /= len(idx)
-            grad_w = (xb.T @ grad_logits.view(len(idx), -1)).view_as(weight)
-            grad_b = grad_logits.sum(dim=0)
-            buf_w.mul_(momentum).add_(grad_w + wd[:, None] * weight)
-            buf_b.mul_(momentum).add_(grad_b)
-            step_lr = lr * cosine_factor(step, total)
-            weight.sub_(step_lr[:, None] * buf_w)
-            bias.sub_(step_lr[:, None] * buf_b)
+            sgd_step_heads(x[idx], y[idx], weight, bias, buf_w, buf_b, lr * cosine_factor(step, total), wd, momentum)
             step += 1
     return weight, bias
 
