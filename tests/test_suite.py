@@ -224,3 +224,17 @@ def test_compare_ranks_runs_and_evaluates_those_without_eval_json(tiny_run, tmp_
     assert "simclr.temperature" in html and runs[0].name in html and runs[1].name in html
     assert json.loads((runs[1] / "eval.json").read_text())["label_free"]["rankme"]["value"] > 1
     assert main(["compare", str(tmp_path / "nope")]) == 2
+
+
+def test_suite_decoder_option_writes_one_grid_per_representation_into_the_report(tmp_path):
+    train, test = _blob_data(64, 0), _blob_data(32, 1)
+    torch.manual_seed(0)
+    enc, head = nn.Sequential(nn.Flatten(), nn.Linear(144, 16)), projector(16, 16, 8)
+    opts = EvalConfig(**FAST, knn_k=10, mlp=False, rotation=False, decoder=True, decoder_steps=5)
+    res = evaluate_model(enc, train, test, [0.1], [0.2], opts, projector=head, out_dir=tmp_path, verbose=False)
+    dec = res["decoder"]
+    assert dec["grids"] == {"backbone": "decoder_backbone.png", "projector.out": "decoder_projector_out.png"}
+    assert all((tmp_path / f).stat().st_size > 0 for f in dec["grids"].values())
+    assert dec["protocol"]["n_images"] == 4  # the first image of each of the 4 classes
+    assert all(0 <= dec["diversity"][k] <= 1 for k in dec["grids"])
+    assert "Decoder samples conditioned on the projector.out" in (tmp_path / "report.html").read_text()

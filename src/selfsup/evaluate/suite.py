@@ -237,14 +237,17 @@ def evaluate_model(
         result["finetune"] = {**ft, "top1": _r(ft["top1"])}
         clock.lap("finetune", f"top-1 {result['finetune']['top1']}%")
 
-    extra_images: dict[str, Path] = {}
     if opts.decoder and out_dir is not None:
-        from selfsup.evaluate.decoder_report import decoder_figures
+        from selfsup.evaluate.decoder import visualize_representations
 
-        result["decoder"], extra_images = decoder_figures(
-            reps_train, reps_test, train_data, test_data, Path(out_dir), steps=opts.decoder_steps, seed=seed,
-            device=device)
-        clock.lap("decoder")
+        names = ["backbone"] + [n for n in reps_train if n.startswith("projector.out")]
+        query = test_data if test_data is not None else train_data
+        query_reps = reps_test if test_data is not None else reps_train
+        result["decoder"] = visualize_representations(
+            {n: reps_train[n] for n in names}, {n: query_reps[n] for n in names}, train_data.images,
+            query.images, out_dir, query_labels=query.labels, steps=opts.decoder_steps, seed=seed, device=device,
+            verbose=verbose)
+        clock.lap("decoder", f"grids for {', '.join(result['decoder']['grids'])}")
 
     result["seconds"] = {**clock.seconds, "total": round(time.perf_counter() - t_start, 1)}
     if out_dir is not None:
@@ -259,7 +262,7 @@ def evaluate_model(
             write_report(out_dir, result, test_images=test_data.images if test_data is not None else None,
                          test_labels=test_data.labels if test_data is not None else None, test_features=test_f,
                          train_images=train_data.images, train_features=train_f, train_labels=train_data.labels,
-                         metrics_path=metrics_path, extra_images=extra_images, map_points=opts.tsne_points)
+                         metrics_path=metrics_path, map_points=opts.tsne_points)
             result["seconds"]["report"] = round(time.perf_counter() - t0, 1)
             result["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
             if verbose:
