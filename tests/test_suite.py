@@ -238,3 +238,16 @@ def test_suite_decoder_option_writes_one_grid_per_representation_into_the_report
     assert dec["protocol"]["n_images"] == 4  # the first image of each of the 4 classes
     assert all(0 <= dec["diversity"][k] <= 1 for k in dec["grids"])
     assert "Decoder samples conditioned on the projector.out" in (tmp_path / "report.html").read_text()
+
+
+def test_evaluate_any_module_from_python(tmp_path):
+    from selfsup.evaluate.run import evaluate
+
+    train, test = _blob_data(120, 0), _blob_data(60, 1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 16))
+    res = evaluate(model, (train, test), out_dir=tmp_path, mean=[0.1], std=[0.2], device="cpu", mlp=False,
+                   rotation=False, knn_ks=[5], knn_k=5, lidar_images=20, tsne_points=40, linear_epochs=5)
+    assert res["encoder"] == {"source": "module", "name": "Sequential", "num_features": 16}
+    assert res["knn_top1"] == 100.0 and (tmp_path / "report.html").exists()
+    with pytest.raises(TypeError, match="did you mean 'mlp'"):
+        evaluate(model, (train, test), mpl=False)
