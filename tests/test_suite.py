@@ -237,7 +237,7 @@ def test_suite_decoder_option_writes_one_grid_per_representation_into_the_report
     assert all((tmp_path / f).stat().st_size > 0 for f in dec["grids"].values())
     assert dec["protocol"]["n_images"] == 4  # the first image of each of the 4 classes
     assert all(0 <= dec["diversity"][k] <= 1 for k in dec["grids"])
-    assert "Decoder samples conditioned on the projector.out" in (tmp_path / "report.html").read_text()
+    assert "Conditioned on projector.out: sample diversity" in (tmp_path / "report.html").read_text()
 
 
 def test_evaluate_any_module_from_python(tmp_path):

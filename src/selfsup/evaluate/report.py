@@ -614,8 +614,8 @@ def _details_section(out: Path, result: dict):
         path = plot_mlp_curve(mlp["curve"], out / "mlp_curve.png", mlp.get("best_epoch"))
         if path is not None:
             parts.append("<div><h3>MLP probe training</h3>" + _figure(
-                path, "MLP probe curve", "An MLP probe overfits after a few epochs, so it is early-stopped on "
-                "validation accuracy (cookbook §3.7.1, Fig. 13).", width=620) + "</div>")
+                path, "MLP probe curve", "MLP probes can overfit within a few epochs (cookbook §3.7.1, Fig. 13): "
+                "the weights of the best validation epoch are kept and tested.", width=620) + "</div>")
     body = "".join(p for p in parts if p)
     return _section("details", "Protocol details", f'<div class="side">{body}</div>') if body else None
 
@@ -624,22 +624,29 @@ def _details_section(out: Path, result: dict):
 
 
 def _images_section(out: Path, result: dict, extra_images: dict | None):
-    items: list[tuple[str, Path]] = []
-    grids = ((result.get("decoder") or {}).get("grids") or {})
-    for name, file in grids.items():
-        items.append((f"Decoder samples conditioned on the {name} representation: what stays constant across "
-                      "samples is encoded in it, what varies is not (RCDM, Bordes et al. 2022, cookbook §3.7.4).",
-                      out / file))
+    dec = result.get("decoder") or {}
+    grids = dec.get("grids") or {}
+    items = [(f"Conditioned on {name}" + (f": sample diversity {dec['diversity'][name]:.3f}"
+                                          if _is_number((dec.get("diversity") or {}).get(name)) else ""),
+              out / file) for name, file in grids.items()]
     items += [(str(caption), Path(p)) for caption, p in (extra_images or {}).items()]
     if not items:
         return None
     body = []
     for caption, path in items:
         if path.is_file():
-            body.append(_figure(path, path.name, _e(caption)))
+            body.append(_figure(path, path.name, _e(caption), width=430 if grids else None))
         else:
             body.append(f'<p class="warn">Image not found: {_e(path)} ({_e(caption)})</p>')
-    return _section("images", "Decoder samples and other images", "".join(body))
+    text = ""
+    if grids:
+        text = ('<p class="note">One small diffusion decoder per representation, trained on the frozen features of '
+                "the train split; each row is a test image (red frame) and samples generated from its features. "
+                "What stays constant across a row is encoded in the representation, what varies is not (RCDM, "
+                "Bordes et al. 2022, cookbook §3.7.4). Sample diversity: mean per-pixel standard deviation across "
+                "the samples of one image (0-1 units); higher means the representation pins down less of the "
+                "image.</p>")
+    return _section("images", "Decoder samples and other images", f'<div class="side">{"".join(body)}</div>{text}')
 
 
 def _json_section(result: dict, name: str = "eval.json"):
