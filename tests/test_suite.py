@@ -251,3 +251,16 @@ def test_evaluate_any_module_from_python(tmp_path):
     assert res["knn_top1"] == 100.0 and (tmp_path / "report.html").exists()
     with pytest.raises(TypeError, match="did you mean 'mlp'"):
         evaluate(model, (train, test), mpl=False)
+
+
+def test_eval_of_an_interrupted_run_uses_the_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    _, (run, _) = tiny_run
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    for name in ("backbone.safetensors", "backbone.json", "eval.json"):
+        (cut / name).unlink(missing_ok=True)
+    assert main(["eval", str(cut), "eval.report=false", "eval.lidar_images=0"]) == 0
+    res = json.loads((cut / "eval.json").read_text())
+    assert res["knn_top1"] == json.loads((run / "summary.json").read_text())["knn_top1"]  # same weights
