@@ -147,6 +147,7 @@ def test_suite_known_answers_on_separable_and_shuffled_labels(tmp_path):
     # encoder can tell the rotation (the corner-image test above has the opposite case)
     assert res["label_free"]["rotation"]["top1"] < 40
     assert res["label_free"]["lidar"]["n_images"] == 40 and res["label_free"]["lidar"]["n_views"] == 4
+    assert res["label_free"]["lidar"]["views"].startswith("selfsup's SimCLR views at 12 px")
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["knn_top1"] == res["knn_top1"] and (tmp_path / "report.html").exists()
     assert {"features", "knn", "linear", "mlp", "label_free", "lidar", "rotation", "total"} <= set(res["seconds"])
@@ -197,6 +198,7 @@ def test_eval_run_writes_report_and_summary(tiny_run, capsys):
     res = json.loads((run / "eval.json").read_text())
     assert res["encoder"]["source"] == "run" and res["guillotine"][0]["layer"] == "backbone"
     assert "rotation" in res["label_free"] and "mlp" in res
+    assert res["label_free"]["lidar"]["views"].startswith("the run's training views")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["knn_top1"] == res["knn_top1"] and summary["rankme"] == res["label_free"]["rankme"]["value"]
     assert "<html" in (run / "report.html").read_text()[:200].lower()
@@ -212,7 +214,8 @@ def test_eval_exported_backbone_needs_a_dataset_and_then_works(tiny_run, tmp_pat
                  f"data.root={root}", f"out={out}", "eval.report=false", "eval.mlp=false",
                  "eval.linear_epochs=3", "eval.knn_ks=[5]", "eval.knn_k=5", "eval.lidar_images=0"]) == 0
     res = json.loads((out / "eval.json").read_text())
-    assert res["encoder"]["source"] == "backbone" and "guillotine" not in res and res["knn_top1"] > 0
+    assert res["encoder"]["source"] == "backbone" and res["encoder"]["name"] == "resnet10"
+    assert "guillotine" not in res and res["knn_top1"] > 0
 
 
 def test_compare_ranks_runs_and_evaluates_those_without_eval_json(tiny_run, tmp_path, capsys):

@@ -240,6 +240,12 @@ def _backbone_stats(target: Path, cfg: Config, channels: int):
     return mean, std, f"{cfg.data.name} statistics"
 
 
+def _backbone_name(target: Path) -> str | None:
+    from selfsup.nn.backbones import _export_files
+
+    return (json.loads(_export_files(target)[1].read_text()).get("spec") or {}).get("name")
+
+
 def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
     """`selfsup eval BACKBONE data=NAME`: every protocol that needs no projector, on an exported backbone."""
     from selfsup.train import load_data
@@ -264,7 +270,8 @@ def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
           f"writing {out}", flush=True)
     result = evaluate_model(encoder, train_data, test_data, mean, std, cfg.eval, device=device,
                             dtype=autocast_dtype(cfg.train.precision, device), seed=cfg.seed, out_dir=out,
-                            extra={"encoder": {"source": "backbone", "path": str(target)}})
+                            extra={"encoder": {"source": "backbone", "path": str(target),
+                                               "name": _backbone_name(target)}})
     flat = dict(result)
     lf = result.get("label_free", {})
     if "rankme" in lf:

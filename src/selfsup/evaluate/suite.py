@@ -206,7 +206,10 @@ def evaluate_model(
             views = extract_view_features(encoder, src.images[idx], vm, n_views=opts.lidar_views, seed=seed,
                                           device=device, dtype=dtype)
             li = lidar(views)
-            result.setdefault("label_free", {})["lidar"] = {**li, "value": _r(li["lidar"])}
+            # LiDAR depends on the view distribution: say which one, so numbers are compared like for like
+            seen = ("the run's training views (global crops)" if view_maker is not None
+                    else f"selfsup's SimCLR views at {src.image_shape[1]} px (no training recipe given)")
+            result.setdefault("label_free", {})["lidar"] = {**li, "value": _r(li["lidar"]), "views": seen}
             clock.lap("lidar", f"LiDAR {result['label_free']['lidar']['value']} ({n} images x "
                                f"{opts.lidar_views} views)")
 
