@@ -394,3 +394,18 @@ def test_smooth_is_bias_corrected_ema():
     alpha = 0.2
     expected_second = ((1 - alpha) * alpha * 1.0 + alpha * 2.0) / (1 - (1 - alpha) ** 2)
     assert smooth([1.0, 2.0], span=9) == pytest.approx([1.0, expected_second])
+
+
+def test_knn_several_weightings_share_one_retrieval_and_equal_separate_calls():
+    x, y = clusters(120, spread=0.8, seed=3)
+    q, yq = clusters(50, spread=0.8, seed=4)
+    both = knn_classify(x, y, q, yq, k=[1, 5, 20], weighting=("exp", "majority"))
+    for w in ("exp", "majority"):
+        alone = knn_classify(x, y, q, yq, k=[1, 5, 20], weighting=w)
+        assert both["by_weighting"][w] == alone["top1"]
+    assert both["top1"] == both["by_weighting"]["exp"] and both["protocol"]["weighting"] == ["exp", "majority"]
+    assert both["by_weighting"]["exp"] != both["by_weighting"]["majority"]  # the noisy clusters tell them apart
+    preds = knn_classify(x, y, q, k=5, weighting=("majority", "exp"))
+    assert torch.equal(preds["predictions"][5], preds["by_weighting"]["majority"][5])
+    with pytest.raises(ValueError, match="weighting"):
+        knn_classify(x, y, q, yq, weighting=("exp", "cosine"))

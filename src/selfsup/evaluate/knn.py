@@ -55,7 +55,7 @@ def knn_classify(
     k: int | Sequence[int] = 20,
     temperature: float = 0.07,
     num_classes: int | None = None,
-    weighting: str = "exp",
+    weighting: str | Sequence[str] = "exp",
     chunk_size: int = 1024,
     device: str | torch.device | None = None,
 ) -> dict:
@@ -66,10 +66,13 @@ def knn_classify(
     ``train_feats``) is where the similarities are computed.
 
     Returns ``{"top1": {k: %}, "protocol": {...}}`` when ``test_labels`` is given, otherwise
-    ``{"predictions": {k: LongTensor (N_test,)}, "protocol": {...}}``.
+    ``{"predictions": {k: LongTensor (N_test,)}, "protocol": {...}}``. Several weightings (e.g.
+    ``("exp", "majority")``) share one retrieval: ``top1``/``predictions`` are those of the first, and
+    ``by_weighting`` holds ``{weighting: {k: %}}`` (or predictions) for each.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    weightings = [weighting] if isinstance(weighting, str) else list(weighting)
+    if not weightings or any(w not in WEIGHTINGS for w in weightings):
+        raise ValueError(f"weighting must be one of {WEIGHTINGS} (or a sequence of them), got {weighting!r}.")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if chunk_size < 1:
@@ -90,30 +93,34 @@ def knn_classify(
     device = train_feats.device if device is None else torch.device(device)
     memory = F.normalize(train_feats.to(device, torch.float32), dim=1)
     memory_labels = train_labels.to(device)
-    predictions = {kk: torch.empty(test_feats.shape[0], dtype=torch.long) for kk in ks}
+    predictions = {w: {kk: torch.empty(test_feats.shape[0], dtype=torch.long) for kk in ks} for w in weightings}
     for start in range(0, test_feats.shape[0], chunk_size):
         queries = F.normalize(test_feats[start : start + chunk_size].to(device, torch.float32), dim=1)
         sims, idx = (queries @ memory.T).topk(max(ks), dim=1)  # sorted, largest first
         neighbour_labels = memory_labels[idx]
-        weights = _vote_weights(sims.double(), temperature, weighting)
-        for kk in ks:
-            votes = torch.zeros(queries.shape[0], num_classes, device=device, dtype=torch.float64)
-            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            predictions[kk][start : start + queries.shape[0]] = votes.argmax(dim=1).cpu()
+        for w in weightings:
+            weights = _vote_weights(sims.double(), temperature, w)
+            for kk in ks:
+                votes = torch.zeros(queries.shape[0], num_classes, device=device, dtype=torch.float64)
+                votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+                predictions[w][kk][start : start + queries.shape[0]] = votes.argmax(dim=1).cpu()
 
     protocol = {
         "k": ks,
         "temperature": temperature,
-        "weighting": weighting,
+        "weighting": weighting if isinstance(weighting, str) else weightings,
         "metric": "cosine",
         "num_classes": num_classes,
         "n_train": int(train_feats.shape[0]),
     }
+    extra = {} if isinstance(weighting, str) else {"by_weighting": predictions}
     if test_labels is None:
-        return {"predictions": predictions, "protocol": protocol}
+        return {"predictions": predictions[weightings[0]], **extra, "protocol": protocol}
     labels_cpu = test_labels.cpu()
-    top1 = {kk: 100.0 * (pred == labels_cpu).double().mean().item() for kk, pred in predictions.items()}
-    return {"top1": top1, "protocol": protocol}
+    top1 = {w: {kk: 100.0 * (pred == labels_cpu).double().mean().item() for kk, pred in p.items()}
+            for w, p in predictions.items()}
+    extra = {} if isinstance(weighting, str) else {"by_weighting": top1}
+    return {"top1": top1[weightings[0]], **extra, "protocol": protocol}
 
 
 def knn_top1(

@@ -133,13 +133,14 @@ def evaluate_model(
     if labelled:
         y_tr, y_te = train_data.labels, test_data.labels
         ks = sorted({k for k in [*opts.knn_ks, opts.knn_k] if k <= len(train_data)})
-        knn = knn_classify(train_f, y_tr, test_f, y_te, k=ks, temperature=opts.knn_temperature, device=device)
-        maj = knn_classify(train_f, y_tr, test_f, y_te, k=ks, weighting="majority", device=device)
+        knn = knn_classify(train_f, y_tr, test_f, y_te, k=ks, temperature=opts.knn_temperature,
+                           weighting=("exp", "majority"), device=device)  # one retrieval for both votes
         result["knn"] = {
-            "top1": {str(k): _r(v) for k, v in knn["top1"].items()},
-            "majority_top1": {str(k): _r(v) for k, v in maj["top1"].items()},
+            "top1": {str(k): _r(v) for k, v in knn["by_weighting"]["exp"].items()},
+            "majority_top1": {str(k): _r(v) for k, v in knn["by_weighting"]["majority"].items()},
             "headline_k": opts.knn_k,
-            "protocol": {**knn["protocol"], "majority_top1": "one vote per neighbour"},
+            "protocol": {**knn["protocol"], "weighting": "exp",
+                         "majority_top1": "one vote per neighbour"},
         }
         result["knn_top1"] = result["knn"]["top1"].get(str(opts.knn_k))
         clock.lap("knn", f"top-1 (k={opts.knn_k}) {result['knn_top1']}%")
