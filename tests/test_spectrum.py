@@ -238,3 +238,10 @@ def test_spectrum_summary_combines_metrics_and_survives_tiny_spectra():
 def test_bad_input_raises_value_error_with_explanation(fn, bad, match):
     with pytest.raises(ValueError, match=match):
         fn(bad)
+
+
+def test_alpha_req_with_precomputed_eigenvalues_equals_computing_them():
+    from selfsup.evaluate.spectrum import covariance_eigenvalues
+
+    z = torch.randn(400, 64, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 65).pow(-0.8)
+    assert alpha_req(z, (3, 40), eigenvalues=covariance_eigenvalues(z)) == alpha_req(z, (3, 40))

@@ -120,7 +120,7 @@ def _positive_count(eig: Tensor) -> int:
     return int((eig > tol).sum())
 
 
-def alpha_req(z: Tensor, fit_range: tuple[int, int] = (11, 100)) -> dict:
+def alpha_req(z: Tensor, fit_range: tuple[int, int] = (11, 100), *, eigenvalues: Tensor | None = None) -> dict:
     """alpha-ReQ (Agrawal et al., 2022): eigenspectrum decay exponent of the feature covariance.
 
     With ``lambda_i`` the descending eigenvalues of the centered covariance of ``z`` (N, D), fit
@@ -137,7 +137,7 @@ def alpha_req(z: Tensor, fit_range: tuple[int, int] = (11, 100)) -> dict:
     if lo < 1 or hi < lo:
         raise ValueError(f"fit_range must be 1-based (lo, hi) with 1 <= lo <= hi, got {fit_range!r}.")
     z = _embeddings(z)
-    eig = covariance_eigenvalues(z)
+    eig = covariance_eigenvalues(z) if eigenvalues is None else eigenvalues  # callers that already have them
     hi_used = min(hi, _positive_count(eig))
     if hi_used - lo + 1 < 3:
         raise ValueError(

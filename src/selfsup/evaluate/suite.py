@@ -49,18 +49,16 @@ def _r(x: float, nd: int = 2) -> float:
 
 
 def _label_free(z: Tensor) -> dict:
-    """RankMe and alpha-ReQ of one representation (alpha-ReQ absent when D is too small for its fit range)."""
-    out = {"rankme": rankme(z)}
+    """RankMe, alpha-ReQ (an error note when D is too small for its fit range) and the spectrum of one
+    representation: the std along each principal axis (square roots of the centered covariance eigenvalues,
+    computed once and shared with alpha-ReQ)."""
+    eig = covariance_eigenvalues(z)
+    out = {"rankme": rankme(z), "spectrum": [float(f"{v:.6g}") for v in eig.clamp_min(0).sqrt().tolist()]}
     try:
-        out["alpha_req"] = alpha_req(z)
+        out["alpha_req"] = alpha_req(z, eigenvalues=eig)
     except ValueError as e:
         out["alpha_req"] = {"error": str(e)}
     return out
-
-
-def _spectrum(z: Tensor) -> list[float]:
-    """Square roots of the centered covariance eigenvalues (std along each principal axis), descending."""
-    return [float(f"{v:.6g}") for v in covariance_eigenvalues(z).clamp_min(0).sqrt().tolist()]
 
 
 def _subset(n: int, size: int, seed: int) -> Tensor:
@@ -171,7 +169,7 @@ def evaluate_model(
             lf = _label_free(z)
             row = {"layer": name, "dim": int(z.shape[1]), "rankme": _r(lf["rankme"]["rankme"]),
                    "alpha_req": _r(lf["alpha_req"]["alpha"], 3) if "alpha" in lf["alpha_req"] else None}
-            spectra[name.split(" ")[0]] = _spectrum(z)
+            spectra[name.split(" ")[0]] = lf["spectrum"]
             if name == "backbone":
                 result["label_free"] = {
                     "rankme": {**lf["rankme"], "value": _r(lf["rankme"]["rankme"]),
