@@ -34,6 +34,7 @@ from selfsup.evaluate.probe import (
     DEFAULT_WEIGHT_DECAYS,
     cosine_factor,
     head_accuracies,
+    select_head,
     sgd_step_heads,
     stratified_split,
 )
@@ -211,25 +212,14 @@ def augmented_linear_probe(
         encoder.train(was_training)
 
     standardized = (plain_train[val].to(device) - f_mean) * f_scale
-    val_acc = head_accuracies(standardized, y_train[val].to(device), weight, bias)
-    if bool(val_acc.isnan().all()):
-        raise RuntimeError(f"every linear-probe head diverged (lrs={list(lrs)}); try smaller learning rates.")
-    best = int(torch.nan_to_num(val_acc, nan=-1.0).argmax())
+    best, choice = select_head(grid, head_accuracies(standardized, y_train[val].to(device), weight, bias))
     x_test = (plain_test.to(device) - f_mean) * f_scale
     test_acc = head_accuracies(x_test, test_labels.long().to(device), weight[:, best : best + 1], bias[best : best + 1])
     augmentation = "none" if crop_scale is None else f"random resized crop, scale {tuple(crop_scale)}, ratio {ratio}"
     return {
         "top1": test_acc[0].item(),
-        "val_top1": val_acc[best].item(),
-        # as linear_probe: the best lr may lie outside the grid when the chosen one is its smallest or largest
-        "lr_at_grid_edge": len(lrs) > 1 and grid[best][0] in (min(lrs), max(lrs)),
-        "lr": grid[best][0],
-        "weight_decay": grid[best][1],
+        **choice,
         "epochs": epochs,
-        "grid": [
-            {"lr": lr, "weight_decay": wd, "val_top1": acc}
-            for (lr, wd), acc in zip(grid, val_acc.tolist(), strict=True)
-        ],
         "protocol": {
             "name": "augmented-linear",
             "augmentation": augmentation + (" + horizontal flip p=0.5" if flip else "")

@@ -138,6 +138,25 @@ def head_accuracies(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, chunk: i
     return torch.where(finite.cpu(), acc, torch.full_like(acc, float("nan")))
 
 
+def select_head(grid: list[tuple[float, float]], val_acc: Tensor) -> tuple[int, dict]:
+    """Index of the head with the best validation top-1 (first on ties, diverged heads never chosen) and the
+    result entries every grid probe reports: val_top1, lr, weight_decay, lr_at_grid_edge and the whole grid."""
+    if bool(val_acc.isnan().all()):
+        lrs = sorted({lr for lr, _ in grid})
+        raise RuntimeError(f"every linear-probe head diverged (lrs={lrs}); try smaller learning rates.")
+    best = int(torch.nan_to_num(val_acc, nan=-1.0).argmax())
+    lrs = [lr for lr, _ in grid]
+    return best, {
+        "val_top1": val_acc[best].item(),
+        # the chosen lr is the grid's smallest or largest: the best lr may lie outside it, widen `lrs`
+        "lr_at_grid_edge": len(set(lrs)) > 1 and grid[best][0] in (min(lrs), max(lrs)),
+        "lr": grid[best][0],
+        "weight_decay": grid[best][1],
+        "grid": [{"lr": lr, "weight_decay": wd, "val_top1": acc}
+                 for (lr, wd), acc in zip(grid, val_acc.tolist(), strict=True)],
+    }
+
+
 def _check_inputs(feats: Tensor, labels: Tensor, name: str) -> None:
     if feats.ndim != 2 or labels.ndim != 1 or feats.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -203,10 +222,7 @@ def linear_probe(
         momentum=momentum,
         seed=seed,
     )
-    val_acc = head_accuracies(x_train[val], y_train[val], *heads)
-    if bool(val_acc.isnan().all()):
-        raise RuntimeError(f"every linear-probe head diverged (lrs={list(lrs)}); try smaller learning rates.")
-    best = int(torch.nan_to_num(val_acc, nan=-1.0).argmax())
+    best, choice = select_head(grid, head_accuracies(x_train[val], y_train[val], *heads))
     best_lr, best_wd = grid[best]
     weight, bias = heads[0][:, best : best + 1], heads[1][best : best + 1]
     if refit:
@@ -224,17 +240,9 @@ def linear_probe(
     test_acc = head_accuracies(x_test, test_labels.long().to(device), weight, bias)[0].item()
     return {
         "top1": test_acc,
-        "val_top1": val_acc[best].item(),
-        # the chosen lr is the grid's smallest or largest: the best lr may lie outside it, widen `lrs`
-        "lr_at_grid_edge": len(lrs) > 1 and best_lr in (min(lrs), max(lrs)),
-        "lr": best_lr,
-        "weight_decay": best_wd,
+        **choice,
         "epochs": epochs,
         "refit": refit,
-        "grid": [
-            {"lr": lr, "weight_decay": wd, "val_top1": acc}
-            for (lr, wd), acc in zip(grid, val_acc.tolist(), strict=True)
-        ],
         "protocol": {
             "name": "fmnist-linear",
             "standardize": "train-split mean/std",
