@@ -6,7 +6,9 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import pickle
+import pickletools
 import struct
 import tarfile
 import time
@@ -19,6 +21,7 @@ from PIL import Image
 
 from selfsup.data import datasets as ds
 from selfsup.data import folder as fd
+from selfsup.data import formats as fm
 from selfsup.data.datasets import DataError, dataset_stats, from_arrays, load_dataset
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -46,6 +49,36 @@ def write_idx_split(directory: Path, prefix: str, images: np.ndarray, labels: np
         path.write_bytes(gzip.compress(idx_bytes(arr)) if gz else idx_bytes(arr))
 
 
+_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy(._)core.multiarray._reconstruct
+
+
+class Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2's cPickle wrote the CIFAR release: str and bytes as SHORT_BINSTRING/BINSTRING ('U',
+    'T'; Python 3 writes bytes as _codecs.encode calls), numpy's _reconstruct under its old numpy.core name."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj) -> None:
+        obj = obj.encode("latin-1") if isinstance(obj, str) else obj
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+
+    dispatch[bytes] = dispatch[str] = save_bytes
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is _RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def write_cifar(directory: Path, files: dict[str, int], label_key: bytes, meta: tuple[str, bytes, list[str]],
                 seed: int = 0) -> dict[str, tuple[np.ndarray, list[int]]]:
     """CIFAR python batches: dict with b'data' (N, 3072) uint8 and a label list, pickled as in the release."""
@@ -55,10 +88,14 @@ def write_cifar(directory: Path, files: dict[str, int], label_key: bytes, meta: 
     for name, n in files.items():
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, len(meta[2]), n).tolist()
-        (directory / name).write_bytes(pickle.dumps({b"data": data, label_key: labels, b"batch_label": b"x"}))
+        (directory / name).write_bytes(py2_pickle({b"data": data, label_key: labels, b"batch_label": b"x"}))
         written[name] = (data, labels)
-    (directory / meta[0]).write_bytes(pickle.dumps({meta[1]: [c.encode() for c in meta[2]]}))
+    (directory / meta[0]).write_bytes(py2_pickle({meta[1]: [c.encode() for c in meta[2]]}))
     return written
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def stl_bytes(images_chw: np.ndarray) -> bytes:
@@ -157,14 +194,14 @@ def test_cifar10_round_trip(tmp_path, point_at_folder):
     batches = {f"data_batch_{i}": 2 for i in range(1, 6)} | {"test_batch": 3}
     written = write_cifar(folder, batches, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
     root = folder if point_at_folder else tmp_path
-    train = load_dataset("cifar10", "train", root=root, download=False)
+    train = load_dataset("cifar10", "train", root=root, download=False, verify=False)
     assert len(train) == 10 and train.image_shape == (3, 32, 32) and train.classes == CIFAR10_NAMES
     data3, labels3 = written["data_batch_3"]  # rows 4, 5 of the train split
     c, y, x = 2, 7, 30
     assert int(train.images[5, c, y, x]) == data3[1, c * 1024 + y * 32 + x]
     assert torch.equal(train.images[4].reshape(-1), torch.from_numpy(data3[0]))
     assert train.labels[4:6].tolist() == labels3
-    test = load_dataset("cifar-10", "test", root=root, download=False)
+    test = load_dataset("cifar-10", "test", root=root, download=False, verify=False)
     assert test.labels.tolist() == written["test_batch"][1] and test.name == "cifar10/test"
 
 
@@ -172,7 +209,7 @@ def test_cifar100_fine_labels_and_meta(tmp_path):
     names = [f"class{i:02d}" for i in range(100)]
     written = write_cifar(tmp_path / "cifar-100-python", {"train": 4, "test": 2}, b"fine_labels",
                           ("meta", b"fine_label_names", names), seed=1)
-    d = load_dataset("cifar100", "test", root=tmp_path, download=False)
+    d = load_dataset("cifar100", "test", root=tmp_path, download=False, verify=False)
     assert d.classes == names and d.num_classes == 100
     assert d.labels.tolist() == written["test"][1]
     assert int(d.images[1, 1, 31, 0]) == written["test"][0][1, 1024 + 31 * 32]
@@ -183,8 +220,100 @@ def test_cifar_corrupt_pickle(tmp_path):
     write_cifar(folder, {"test_batch": 2}, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
     (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:50])
     with pytest.raises(DataError, match="unpickle") as err:
-        load_dataset("cifar10", "test", root=tmp_path, download=False)
+        load_dataset("cifar10", "test", root=tmp_path, download=False, verify=False)
     assert str(folder / "test_batch") in str(err.value)
+
+
+def test_cifar_test_files_are_release_shaped(tmp_path):
+    """The writer above emits what the release holds: 'U'/'T' strings and only the three numpy globals."""
+    write_cifar(tmp_path, {"test_batch": 2}, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
+    ops = list(pickletools.genops((tmp_path / "test_batch").read_bytes()))
+    assert ops[0][0].name == "PROTO" and ops[0][1] == 2
+    assert {arg for op, arg, _ in ops if op.name == "GLOBAL"} == {
+        "numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    names = {op.name for op, _, _ in ops}
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= names and not names & {"BINUNICODE", "SHORT_BINBYTES", "BINBYTES"}
+
+
+class _SystemPayload:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _exec_payload(code: str) -> bytes:
+    """Hand-written opcodes: GLOBAL builtins.exec, REDUCE with one code string (what a crafted file would hold)."""
+    return (b"\x80\x02}(U\x04data" + b"cbuiltins\nexec\n" + b"X" + struct.pack("<I", len(code)) + code.encode()
+            + b"\x85R" + b"U\x06labels]u.")  # {b"data": exec(code), b"labels": []}
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec"])
+@pytest.mark.parametrize("verify", [False, True])
+def test_cifar_payload_refused_and_not_run(tmp_path, payload, verify):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, {"test_batch": 2}, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
+    marker = tmp_path / "MARKER"
+    if payload == "os.system":
+        crafted = py2_pickle({b"data": _SystemPayload(f"touch '{marker}'"), b"labels": []})
+    else:
+        crafted = _exec_payload(f"open({str(marker)!r}, 'w').close()")
+    (folder / "test_batch").write_bytes(crafted)
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", "test", root=tmp_path, download=False, verify=verify)
+    message = str(err.value)
+    assert str(folder / "test_batch") in message and not marker.exists()
+    if verify:  # the md5 refuses the file before it is unpickled
+        assert "checksum mismatch" in message and md5_of(folder / "test_batch") in message
+    else:  # the unpickler refuses the global
+        glob = f"{os.system.__module__}.system" if payload == "os.system" else "builtins.exec"
+        assert f"refused to unpickle the global {glob}" in message and "not an official CIFAR batch" in message
+
+
+def test_cifar_object_arrays_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, {"test_batch": 2}, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
+    path = folder / "test_batch"
+    path.write_bytes(py2_pickle({b"data": np.zeros((1, 3072), np.uint8), b"labels": np.array([0], dtype=object)}))
+    with pytest.raises(DataError, match="dtype object") as err:
+        load_dataset("cifar10", "test", root=tmp_path, download=False, verify=False)
+    assert str(path) in str(err.value) and "not an official CIFAR batch" in str(err.value)
+
+
+def test_cifar_official_name_with_other_md5_refused_by_default(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar(folder, {"test": 2}, b"fine_labels", ("meta", b"fine_label_names", ["a", "b"]))
+    path = folder / "test"
+    with pytest.raises(DataError, match="checksum mismatch") as err:
+        load_dataset("cifar100", "test", root=tmp_path, download=False)
+    message = str(err.value)
+    assert str(path) in message and md5_of(path) in message and fm._CIFAR_MD5["test"] in message
+    assert "verify=False" in message and "download again" in message
+
+
+def test_cifar_md5_accepts_the_expected_file(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    written = write_cifar(folder, {"test_batch": 3}, b"labels", ("batches.meta", b"label_names", CIFAR10_NAMES))
+    monkeypatch.setitem(fm._CIFAR_MD5, "test_batch", md5_of(folder / "test_batch"))
+    with pytest.raises(DataError, match="checksum mismatch") as err:  # the meta file is still checked
+        load_dataset("cifar10", "test", root=tmp_path, download=False)
+    assert str(folder / "batches.meta") in str(err.value)
+    monkeypatch.setitem(fm._CIFAR_MD5, "batches.meta", md5_of(folder / "batches.meta"))
+    d = load_dataset("cifar10", "test", root=tmp_path, download=False)
+    assert d.labels.tolist() == written["test_batch"][1] and d.classes == CIFAR10_NAMES
+
+
+def test_cifar_md5_table_is_torchvisions():
+    """torchvision/datasets/cifar.py (train_list, test_list, meta of CIFAR10 and CIFAR100)."""
+    assert fm._CIFAR_MD5 == {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888", "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc", "meta": "7973b15100ade9c7d40fb424638fde48"}
+    assert set(fm._CIFAR_MD5) == {f for name in fm._CIFAR for split in fm._CIFAR[name][0].values()
+                                  for f in split} | {fm._CIFAR[name][2][0] for name in fm._CIFAR}
 
 
 # ----------------------------------------------------------------------------------------------- STL-10
@@ -391,6 +520,8 @@ def test_download_and_extract_cifar_archive(tmp_path, monkeypatch):
         tar.add(tmp_path / "build" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     _with_downloads(monkeypatch, "cifar10", (ds.Download(archive.as_uri(), md5, extract=True),))
+    for name in ("test_batch", "batches.meta"):  # extracted members are md5-checked too: these stand for the release
+        monkeypatch.setitem(fm._CIFAR_MD5, name, md5_of(tmp_path / "build" / "cifar-10-batches-py" / name))
     d = load_dataset("cifar10", "test")
     assert d.labels.tolist() == written["test_batch"][1]
     cache = tmp_path / "xdg" / "selfsup" / "cifar10"
@@ -445,3 +576,27 @@ def test_from_arrays_float_rounding_and_errors():
         from_arrays(np.zeros((2, 4, 4), np.uint8), labels=[0, 2], classes=["a", "b"])
     with pytest.raises(ValueError, match="integers"):
         from_arrays(np.zeros((2, 4, 4), np.uint8), labels=[0.0, 1.0])
+
+
+def test_train_cli_on_cifar_format_files_needs_verify_off_and_never_runs_a_payload(tmp_path, capsys):
+    """Through `selfsup train`: own CIFAR-format files are refused by md5 unless data.verify=false; a payload in a
+    batch is refused either way and does not run."""
+    from selfsup.cli import main
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, {f"data_batch_{i}": 8 for i in range(1, 6)} | {"test_batch": 8}, b"labels",
+                ("batches.meta", b"label_names", CIFAR10_NAMES))
+    args = ["train", "simclr", "data=cifar10", f"data.root={tmp_path}", "epochs=1", "batch_size=16",
+            "model.width=4", "model.projector_hidden=16", "model.projector_out=8", "views.size=16",
+            "train.knn_every=0", "eval.linear=false", "eval.mlp=false", "eval.rotation=false", "eval.lidar_images=0",
+            "eval.report=false", "eval.guillotine=false", "eval.init_baseline=false"]
+    assert main([*args, f"out={tmp_path / 'refused'}"]) == 1
+    err = capsys.readouterr().err
+    assert "data_batch_1" in err and "checksum mismatch" in err and "data.verify=false" in err
+    assert main([*args, "data.verify=false", f"out={tmp_path / 'ok'}"]) == 0
+    marker = tmp_path / "PAYLOAD_RAN"
+    (folder / "data_batch_2").write_bytes(py2_pickle({b"data": _SystemPayload(f"touch '{marker}'"), b"labels": []}))
+    for verify, expected in (("true", "checksum mismatch"), ("false", "data_batch_2: refused to unpickle")):
+        assert main([*args, f"data.verify={verify}", f"out={tmp_path / f'evil-{verify}'}"]) == 1
+        assert expected in capsys.readouterr().err
+    assert not marker.exists()

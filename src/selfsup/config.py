@@ -32,6 +32,8 @@ class DataConfig:
     image_size: int | None = None         # folder only: images are resized once to this size and cached
     on_error: str = "skip"                # folder only: skip (and count) or raise on unreadable files
     download: bool = True
+    verify: bool = True                   # check official files against their published md5 (CIFAR); false for
+                                          # your own files in an official format
 
 
 @dataclass

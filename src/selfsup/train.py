@@ -35,7 +35,7 @@ CHECKPOINT = "checkpoints/last.pt"
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
     d = cfg.data
-    kw = dict(root=d.root, download=d.download, on_error=d.on_error,
+    kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify,
               image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
     train = load_dataset(d.name, d.train_split, **kw)
     if not d.test_split or train.labels is None:

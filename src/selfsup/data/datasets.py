@@ -234,7 +234,7 @@ def dataset_stats(name: str, channels: int | None = None) -> tuple[tuple[float, 
 @dataclass(frozen=True)
 class _Format:
     has: Callable[[Path, str], bool]  # (directory, split) -> are all files of the split there?
-    read: Callable[[Path, str, DatasetInfo, str | os.PathLike | None], ImageDataset]
+    read: Callable[[Path, str, DatasetInfo, str | os.PathLike | None, bool], ImageDataset]
 
 
 _FORMATS = {
@@ -285,7 +285,7 @@ def _locate(info: DatasetInfo, split: str, root, download: bool) -> Path:
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, *, download: bool = True,
                  image_size: int | None = None, on_error: str = "skip",
-                 cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+                 cache_dir: str | os.PathLike | None = None, verify: bool = True) -> ImageDataset:
     """Load ``split`` of dataset ``name`` as uint8 (N, C, H, W) (see the module docstring for where it looks).
 
     ``name``: fashion_mnist (fmnist, fashion-mnist), mnist, cifar10, cifar100, stl10, folder. Splits: train, test;
@@ -293,6 +293,11 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     ``image_size`` resizes folder images only (default 64); fixed-size datasets accept None or their own size,
     since resizing is the view pipeline's job. ``on_error`` ("skip" | "raise") applies to unreadable folder images;
     corrupt files of the official datasets always raise DataError.
+
+    ``verify`` (CIFAR only for now) checks each file against the md5 of the official release (as torchvision
+    publishes it) before reading it. CIFAR batches are pickles, and unpickling can run code: they are always read
+    with an unpickler that admits only dicts, lists, strings, numbers and numpy arrays, and verification also
+    refuses a file that differs from the release. Pass ``verify=False`` for your own files in the CIFAR format.
     """
     key = canonical_name(name)
     if on_error not in ("skip", "raise"):
@@ -308,4 +313,4 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
         raise ValueError(f"{key} images are {info.size}x{info.size}; image_size={image_size} only applies to "
                          "folder datasets. Leave it unset and set the crop size of the view pipeline instead.")
     directory = _locate(info, split, root, download)
-    return _FORMATS[key].read(directory, split, info, cache_dir)
+    return _FORMATS[key].read(directory, split, info, cache_dir, verify)

@@ -66,15 +66,15 @@ def atomic_write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------------------------- download
 
 
-def _verify_md5(path: str | os.PathLike, md5: str) -> str:
-    """Return the md5 of ``path``; a mismatch with ``md5`` -> DataError naming both digests."""
+def _verify_md5(path: str | os.PathLike, md5: str, hint: str = "") -> str:
+    """Return the md5 of ``path``; a mismatch with ``md5`` -> DataError naming both digests (then ``hint``)."""
     h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     if h.hexdigest() != md5.lower():
         raise DataError(f"checksum mismatch for {path}: md5 {h.hexdigest()}, expected {md5}. The file is corrupt "
-                        "or not the official one; delete it and download again.")
+                        f"or not the official one; delete it and download again.{hint}")
     return h.hexdigest()
 
 

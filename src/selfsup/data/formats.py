@@ -1,10 +1,11 @@
 """Readers of the official file formats: idx (MNIST, Fashion-MNIST), CIFAR python pickles, STL-10 binaries.
 
 Each ``_<format>_has(directory, split)`` says whether a split's files are in ``directory``; each
-``_<format>_read(directory, split, info, cache_dir)`` returns it as an :class:`ImageDataset` of uint8
+``_<format>_read(directory, split, info, cache_dir, verify)`` returns it as an :class:`ImageDataset` of uint8
 ``(N, C, H, W)`` (DESIGN.md §2), in RAM except STL-10, which is memory-mapped. Corrupt or truncated files raise
-:class:`DataError` naming the file. Finding the folder and dispatching by dataset name is
-:func:`selfsup.data.datasets.load_dataset`'s job.
+:class:`DataError` naming the file. ``verify`` checks files against the md5 of the official release before
+reading them (only CIFAR uses it for now: its pickles are the one format whose reading can run code). Finding
+the folder and dispatching by dataset name is :func:`selfsup.data.datasets.load_dataset`'s job.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from selfsup.data.download import atomic_write_json, cache_home, writable_cache_dir
+from selfsup.data.download import _verify_md5, atomic_write_json, cache_home, writable_cache_dir
 from selfsup.data.types import DataError, ImageDataset, _numpy_to_tensor
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def _idx_has(directory: Path, split: str) -> bool:
     return all(_idx_file(directory, split, kind) is not None for kind in ("images", "labels"))
 
 
-def _idx_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
+def _idx_read(directory: Path, split: str, info: DatasetInfo, cache_dir, verify: bool = True) -> ImageDataset:
     images_path, labels_path = (_idx_file(directory, split, kind) for kind in ("images", "labels"))
     images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
     if len(images) != len(labels):
@@ -109,15 +110,76 @@ _CIFAR = {  # split -> batch files, label key, (meta file, names key)
 }
 
 
-def _unpickle(path: Path) -> dict:
-    """The official CIFAR python pickles (trusted content: only load files whose checksum you know)."""
+# md5 of each file of the official releases, as torchvision publishes them (torchvision/datasets/cifar.py:
+# CIFAR10.train_list / test_list / meta, CIFAR100 likewise). Checked before a file is unpickled.
+_CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+# The only globals of the official files (Python 2 cPickle, protocol 2): numpy arrays pickled through
+# _reconstruct + ndarray.__setstate__, and their dtype. numpy 2 renamed numpy.core to numpy._core; both spellings
+# map to the real function, taken from ndarray.__reduce__ so that the deprecated numpy.core shim is never imported.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+_NOT_CIFAR = ("is not an official CIFAR batch (those hold only dicts, lists, byte strings, numbers and uint8 numpy "
+              "arrays); delete it and download the dataset again")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR python files contain.
+
+    ``pickle`` runs code: any global a file names (``os.system``, ``builtins.exec``, ...) is imported and can be
+    called while loading. Here every global outside :data:`_CIFAR_GLOBALS` is refused, so a crafted file can only
+    build dicts, lists, tuples, strings, bytes, numbers and numpy arrays.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # Python 2 str -> bytes, as the release's keys are read
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[module, name]
+        except KeyError:
+            raise DataError(f"{self.path}: refused to unpickle the global {module}.{name}: the file "
+                            f"{_NOT_CIFAR}") from None
+
+
+def _refuse_object_arrays(obj, path: Path) -> None:
+    """Object arrays are no part of the release: refuse any inside dicts, lists or tuples (cycles allowed)."""
+    stack, seen = [obj], set()
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, np.ndarray) and o.dtype.hasobject:
+            raise DataError(f"{path} holds a numpy array of dtype {o.dtype} (Python objects): the file {_NOT_CIFAR}")
+        stack.extend(o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ())
+
+
+def _unpickle(path: Path, verify: bool) -> dict:
+    """A CIFAR python pickle, md5-checked first when ``verify`` and always read with :class:`_CifarUnpickler`."""
+    expected = _CIFAR_MD5.get(path.name)
+    if verify and expected is not None:
+        _verify_md5(path, expected, hint=" Your own files in the CIFAR format load with data.verify=false "
+                                         "(Python: load_dataset(..., verify=False)).")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as e:
+            obj = _CifarUnpickler(f, path).load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, RecursionError) as e:
         raise DataError(f"cannot unpickle {path}: {e!r}. The file is truncated or corrupt; download it again.") from e
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a CIFAR batch dict (got {type(obj).__name__})")
+    _refuse_object_arrays(obj, path)
     return obj
 
 
@@ -125,11 +187,11 @@ def _cifar_has(name: str) -> Callable[[Path, str], bool]:
     return lambda directory, split: all((directory / f).is_file() for f in _CIFAR[name][0][split])
 
 
-def _cifar_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
+def _cifar_read(directory: Path, split: str, info: DatasetInfo, cache_dir, verify: bool = True) -> ImageDataset:
     files, label_key, (meta_file, names_key) = _CIFAR[info.name]
     images, labels = [], []
     for path in (directory / f for f in files[split]):
-        batch = _unpickle(path)
+        batch = _unpickle(path, verify)
         if b"data" not in batch or label_key not in batch:
             raise DataError(f"{path} lacks b'data' or {label_key!r} (keys: {sorted(batch)}); wrong file?")
         data, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
@@ -139,7 +201,7 @@ def _cifar_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> Im
         images.append(data.reshape(-1, 3, 32, 32))  # each row: 1024 R, 1024 G, 1024 B, each row-major 32x32
         labels.append(y)
     meta = directory / meta_file
-    classes = ([c.decode() for c in _unpickle(meta)[names_key]] if meta.is_file()
+    classes = ([c.decode() for c in _unpickle(meta, verify)[names_key]] if meta.is_file()
                else list(info.classes) if info.classes else None)
     y = np.concatenate(labels)
     if classes is not None and len(y) and y.max() >= len(classes):
@@ -202,7 +264,7 @@ def _stl_labels(path: Path, n: int) -> np.ndarray:
     return y - 1
 
 
-def _stl_read(directory: Path, split: str, info: DatasetInfo, cache_dir) -> ImageDataset:
+def _stl_read(directory: Path, split: str, info: DatasetInfo, cache_dir, verify: bool = True) -> ImageDataset:
     parts = _STL_FILES[split]
     if len(parts) == 1:
         x_path = directory / parts[0][0]
