@@ -58,11 +58,21 @@ def cmd_train(args) -> int:
     except KeyError as e:
         print(f"selfsup: {e.args[0]}", file=sys.stderr)
         return 2
+    from selfsup.runs import CheckpointError, resume_config
+
+    resuming = any(o.split("=", 1)[0].strip() == "resume" and o.split("=", 1)[1].strip() not in ("", "null")
+                   for o in args.overrides if "=" in o)
     try:
-        cfg = build_config(args.method, args.overrides, params_cls=entry.params_cls)
+        if resuming:  # the run's own saved config is the base, not today's recipe
+            cfg, _ = resume_config(args.method, args.overrides)
+        else:
+            cfg = build_config(args.method, args.overrides, params_cls=entry.params_cls)
     except ConfigError as e:
         print(f"selfsup: config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        return 1
     if args.show_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import distributed as du
-from selfsup.config import Config, to_plain
+from selfsup.config import Config, ConfigError, to_plain
 from selfsup.data.datasets import ImageDataset, dataset_stats, load_dataset
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
@@ -28,9 +28,8 @@ from selfsup.evaluate.probe import OnlineLinearProbe
 from selfsup.methods import get_method
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from selfsup.runs import CHECKPOINT, config_changes, load_checkpoint, refused_changes
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
-
-CHECKPOINT = "checkpoints/last.pt"
 
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
@@ -97,11 +96,45 @@ class Logger:
             self.tb.close()
 
 
-def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config, world_size: int) -> None:
+def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config, world_size: int,
+                    segments: list[dict]) -> None:
+    """`segments`: one record per training session of the run (steps, seconds, images), so a resumed run's
+    summary covers its whole training time."""
     state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
              "probe": probe.state_dict() if probe is not None else None,
-             "step": step, "config": cfg.to_dict(), "world_size": world_size}
+             "step": step, "config": cfg.to_dict(), "world_size": world_size, "segments": segments}
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def _resume_state(cfg: Config, run_dir: Path, ckpt_path: Path) -> dict | None:
+    """The checkpoint to continue from (None: start at step 0), after checking that `cfg` continues that run.
+
+    The CLI builds a resumed config from the run's own (`selfsup.runs.resume_config`); this check also holds for
+    Python callers of `train(cfg)`.
+    """
+    if cfg.resume is None:
+        if ckpt_path.exists():
+            raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
+                                  f"resume=auto out={run_dir}, or choose another out=DIR.")
+        return None
+    path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    if not path.exists():
+        if cfg.resume == "auto" and (run_dir / "config.yaml").exists():
+            print(f"selfsup: {run_dir} stopped before its first checkpoint: training it from step 0", flush=True)
+            return None
+        where = f"{run_dir} holds no run to resume (no {CHECKPOINT})" if cfg.resume == "auto" else \
+            f"resume={cfg.resume}: no such checkpoint"
+        raise ConfigError(f"{where}; drop resume= to start a new run")
+    state = load_checkpoint(path)
+    changes = {k: c for k, c in config_changes(state["config"], cfg.to_dict()).items() if k not in ("resume", "out")}
+    refused = refused_changes(changes)
+    if refused:
+        raise ConfigError(f"resuming {path} with this config would train a different run: " + "; ".join(refused) +
+                          ". Build the config with selfsup.runs.resume_config, or start a new run.")
+    for key, (old, new) in changes.items():
+        print(f"selfsup: resume changes {key}: {old!r} -> {new!r}", flush=True)
+    state["changes"] = {k: list(c) for k, c in changes.items()}
+    return state
 
 
 def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool):
@@ -169,9 +202,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
 
     ckpt_path = run_dir / CHECKPOINT
-    if cfg.resume is None and ckpt_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with resume=auto, "
-                              "or choose another out=DIR.")
+    state = _resume_state(cfg, run_dir, ckpt_path)
     torch.manual_seed(cfg.seed)
     entry = get_method(cfg.method)
     raw = entry.build(cfg, C, mean, std).to(device)
@@ -213,20 +244,21 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         n_cls = train_data.num_classes or int(labels.max()) + 1
         probe = OnlineLinearProbe(raw.encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
 
-    start_step = 0
-    resume = Path(cfg.resume) if cfg.resume not in (None, "auto") else (ckpt_path if cfg.resume == "auto" else None)
-    if resume is not None and resume.exists():
-        # to CPU: load_state_dict copies weights onto the device and moves optimizer state next to its parameters,
-        # except AdamW's scalar `step`, which must stay a CPU tensor (a CUDA one syncs every step)
-        state = torch.load(resume, map_location="cpu", weights_only=True)
+    start_step, segments = 0, []
+    if state is not None:
+        # loaded to the CPU: load_state_dict copies weights onto the device and moves optimizer state next to its
+        # parameters, except AdamW's scalar `step`, which must stay a CPU tensor (a CUDA one syncs every step)
         raw.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         if probe is not None and state["probe"] is not None:
             probe.load_state_dict(state["probe"])
-        start_step = state["step"]
-        say(f"selfsup: resumed from {resume} at step {start_step}")
-    elif cfg.resume not in (None, "auto"):
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+        start_step, segments = state["step"], list(state.get("segments") or [])
+        say(f"selfsup: resumed at step {start_step} of {total_steps}"
+            + (f" (train.max_steps={cfg.train.max_steps} is reached: nothing to train; pass train.max_steps=0 or "
+               "more epochs to continue)" if start_step >= stop_step and stop_step < total_steps else ""))
+    segment = {"start_step": start_step, "end_step": start_step, "seconds": 0.0, "step_seconds": 0.0, "images": 0,
+               "changes": state["changes"] if state is not None else {}}
+    segments = [*segments, segment]
 
     logger = Logger(run_dir, dist.is_main, start_step)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -269,6 +301,8 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             dt = time.perf_counter() - t0
             step_time += dt
             images_seen += cfg.batch_size
+            segment.update(end_step=step, seconds=round(time.time() - t_loop, 3), step_seconds=round(step_time, 3),
+                           images=images_seen)
             window.append(loss_sum)
             if bar is not None:
                 bar.update(1)
@@ -292,28 +326,31 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
                 say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
                 raw.train()
             if dist.is_main and (epoch_end or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-                save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+                save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
     except KeyboardInterrupt:
         if dist.is_main:
-            save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+            save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
             print(f"\nselfsup: interrupted at step {step}; checkpoint saved. Continue with resume=auto out={run_dir}")
         raise
     finally:
         if bar is not None:
             bar.close()
         logger.close()
-    train_seconds = time.time() - t_loop
+    segment["seconds"] = round(time.time() - t_loop, 3)
     if dist.is_main:
-        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world)
+        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
         export_backbone(raw.encoder, run_dir, extra={"method": cfg.method, "step": step,
                                                      "mean": list(mean), "std": list(std)})
     du.barrier()
     if not dist.is_main:
         return {}
+    # every session of the run counts (time after a run's last checkpoint before a kill is not recorded anywhere)
+    total_images, total_step_seconds = sum(s["images"] for s in segments), sum(s["step_seconds"] for s in segments)
     summary = {"method": cfg.method, "recipe": cfg.recipe, "dataset": train_data.name, "epochs": cfg.epochs,
                "epochs_done": step / steps_per_epoch, "steps": step, "batch_size": cfg.batch_size, "lr": lr,
-               "train_seconds": round(train_seconds, 1),
-               "samples_per_second": round(images_seen / max(step_time, 1e-9), 1),
+               "train_seconds": round(sum(s["seconds"] for s in segments), 1),
+               "samples_per_second": round(total_images / max(total_step_seconds, 1e-9), 1),
+               "segments": segments,
                "device": str(device), "cpu": cpu_model(), "processes": world, "precision": str(amp or "fp32"),
                "skipped_files": len(train_data.skipped), "torch": torch.__version__}
     save_json(run_dir / "summary.json", summary)

@@ -18,36 +18,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfsup.config import Config, EvalConfig, config_from_dict
+from selfsup.config import Config, EvalConfig
 from selfsup.data.datasets import ImageDataset, dataset_stats
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.plots import plot_training
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.nn.backbones import load_backbone
+from selfsup.runs import load_checkpoint
 from selfsup.runtime import autocast_dtype, save_json, select_device
 
 HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top1_init")
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    import yaml
-
+    """The run's saved config (``config.yaml``), then ``overrides`` (evaluation options, device, data.root)."""
     from selfsup.config import _set, parse_override
-    from selfsup.methods import get_method
+    from selfsup.runs import read_run_config
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a selfsup run directory?")
-    d = yaml.safe_load(path.read_text())
-    d.pop("resolved_views", None)  # written for the reader; rebuilt from the method's recipe
-    method = d["method"]
-    params = d.pop(method, None)
-    entry = get_method(method)
-    cfg = config_from_dict(d, entry.params_cls)
-    if params:
-        for k, v in params.items():
-            _set(cfg, f"{method}.{k}", v)
+    cfg = read_run_config(run_dir)
     for o in overrides or []:
         _set(cfg, *parse_override(o))
     return cfg
@@ -62,7 +51,7 @@ def load_run_method(run_dir: Path, cfg: Config, in_chans: int) -> nn.Module | No
 
     mean, std = dataset_stats(cfg.data.name, channels=in_chans)
     method = get_method(cfg.method).build(cfg, in_chans, mean, std)
-    method.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["method"])
+    method.load_state_dict(load_checkpoint(ckpt)["method"])
     return method.eval()
 
 

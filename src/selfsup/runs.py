@@ -1,0 +1,176 @@
+"""A run directory as files: its saved config, its checkpoint, and what resuming it may change.
+
+Training (`resume=`), `selfsup eval RUN_DIR` and `selfsup compare` read runs through these functions, so a run is
+always rebuilt from what it saved, never from today's recipe defaults.
+
+Resuming continues the run that was started: the saved config is the base. Overrides that would change what is
+trained (method, recipe, model, data, batch, optimizer, views, seed, precision, ...) are refused with the reason;
+the few in ``RESUMABLE`` (more epochs, evaluation options, threads, logging, device, where the data lives) are applied,
+printed and written to the run's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
+
+CHECKPOINT = "checkpoints/last.pt"
+REQUIRED_KEYS = ("method", "optimizer", "step", "config")
+
+# Keys a resume may change (a trailing "." is a whole section). Everything else is what the run *is*.
+RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.log_every",
+             "train.checkpoint_every", "train.knn_every", "train.knn_monitor_size", "train.device", "data.root",
+             "data.download", "data.verify")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be loaded: truncated, corrupt, foreign or tampered with."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a selfsup checkpoint to the CPU with ``weights_only=True``; anything else is a :class:`CheckpointError`.
+
+    PyTorch's own errors are replaced: for a refused file its text advises ``weights_only=False``, which would run
+    whatever code the file carries, and for a truncated one it is a zip-reader error that names no cause.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...)
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused or "Weights only load failed" in str(e):
+            what = f"it references the Python object {refused.group(1)}" if refused else "it holds Python objects"
+            raise CheckpointError(
+                f"{path} was refused and not loaded: {what}, which a selfsup checkpoint never contains. It is not a "
+                "selfsup checkpoint, or it was modified after it was written. selfsup loads checkpoints as weights "
+                "only and never runs code from a file; use a checkpoint written by selfsup."
+            ) from None
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt, e.g. cut off by a crash or a "
+            "full disk while it was copied, or not a checkpoint at all. Use an intact copy, or start the run again "
+            "in a new out=DIR."
+        ) from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a selfsup checkpoint: it lacks {', '.join(REQUIRED_KEYS)} "
+                              f"(found {keys})")
+    return state
+
+
+def config_from_saved(saved: dict) -> Config:
+    """A :class:`Config` from a saved config (``config.yaml`` or a checkpoint's ``config``), method section included."""
+    from selfsup.methods import get_method
+
+    d = copy.deepcopy(saved)
+    d.pop("resolved_views", None)  # written for the reader; the method's view recipe rebuilds them
+    method = d.get("method")
+    if not isinstance(method, str):
+        raise ConfigError("the saved config names no method; is this a selfsup run?")
+    params = d.pop(method, None)
+    try:
+        entry = get_method(method)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    cfg = config_from_dict(d, entry.params_cls)
+    for k, v in (params or {}).items():
+        _set(cfg, f"{method}.{k}", v)
+    return cfg
+
+
+def read_run_config(run_dir: str | os.PathLike) -> Config:
+    """The config a run directory saved in ``config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a selfsup run directory?")
+    return config_from_saved(yaml.safe_load(path.read_text()) or {})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(before: dict, after: dict) -> dict[str, tuple]:
+    """``{key: (old, new)}`` for every key of two config dicts whose values differ."""
+    a, b = _flat(before), _flat(after)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def refused_changes(changes: dict[str, tuple], steps_done: int | None = None) -> list[str]:
+    """Human-readable reasons for the changes a resume must not make (empty when every change is allowed)."""
+    reasons = []
+    for key, (old, new) in changes.items():
+        if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+            reasons.append(f"{key}={new!r} (the run was trained with {key}={old!r})")
+        elif key == "epochs" and new < old:
+            reasons.append(f"epochs={new} is fewer than the run's {old} epochs (use train.max_steps=N to stop "
+                           "earlier; epochs can only grow on resume)")
+    return reasons
+
+
+def resume_config(method: str, overrides: list[str]) -> tuple[Config, dict[str, tuple]]:
+    """The config that continues a run: its saved config, then the overrides a resume may change.
+
+    ``overrides`` hold ``resume=auto`` (with ``out=RUN_DIR``) or ``resume=PATH`` (a checkpoint; the run directory is
+    ``out`` or the checkpoint's run). Returns the config and the changes made, ``{key: (old, new)}``. Raises
+    :class:`ConfigError` when there is no run to resume or an override would train a different run.
+    """
+    pairs = [parse_override(o) for o in overrides]
+    values = {("data.name" if k == "data" and isinstance(v, str) else k): v for k, v in pairs}
+    resume = str(values.get("resume"))
+    if resume == "auto":
+        if values.get("out") is None:
+            raise ConfigError("resume=auto needs the run directory: add out=RUN_DIR")
+        run_dir = Path(str(values["out"])).expanduser()
+        ckpt = run_dir / CHECKPOINT
+    else:
+        ckpt = Path(resume).expanduser()
+        if not ckpt.is_file():
+            raise ConfigError(f"resume={resume}: no such checkpoint file (use resume=auto out=RUN_DIR to continue "
+                              "a run from its last checkpoint)")
+        run_dir = Path(str(values["out"])).expanduser() if values.get("out") is not None else ckpt.parent.parent
+    if ckpt.is_file():
+        saved, source = load_checkpoint(ckpt)["config"], ckpt
+    elif (run_dir / "config.yaml").is_file():  # started, stopped before its first checkpoint: step 0 of that run
+        saved, source = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, run_dir / "config.yaml"
+    else:
+        raise ConfigError(f"resume: {run_dir} holds no run to resume (no {CHECKPOINT}, no config.yaml). Check "
+                          "out=, or drop resume= to start a new run there.")
+    if saved.get("method") != method:
+        raise ConfigError(f"{source} is a {saved.get('method')!r} run, not {method!r}: resume it with "
+                          f"`selfsup train {saved.get('method')} resume=auto out={run_dir}`")
+    base = config_from_saved(saved)
+    cfg = copy.deepcopy(base)
+    for k, v in pairs:
+        if k == "recipe":
+            if str(v) != base.recipe:
+                raise ConfigError(f"resume: recipe={v} differs from the run's recipe {base.recipe!r}; a resumed "
+                                  "run continues the run that was started. Start a new run with another out=DIR.")
+            continue
+        if k == "method":
+            continue
+        _set(cfg, "data.name" if k == "data" and isinstance(v, str) else k, v)
+    cfg.resume, cfg.out = resume, str(run_dir)
+    changes = {k: c for k, c in config_changes(base.to_dict(), cfg.to_dict()).items() if k not in ("resume", "out")}
+    refused = refused_changes(changes)
+    if refused:
+        raise ConfigError("resume would train a different run than the one started in "
+                          f"{run_dir}:\n  " + "\n  ".join(refused) + "\nA resumed run keeps its method, model, data, "
+                          "batch, optimizer, views and seed; it may change epochs (more), eval.*, train.num_threads, "
+                          "train.max_steps, logging and checkpoint intervals, train.device and data.root. To train "
+                          "with other settings, start a new run with another out=DIR.")
+    return cfg, changes
