@@ -88,7 +88,7 @@ def main() -> None:
     test_idx = pick_test_images(test.labels, a.n_images)
     real = test.images[test_idx]
     mean, std = dataset_stats("fashion_mnist")
-    backbone = selfsup.load_backbone(run)
+    backbone = selfsup.load_backbone(run, raw=True)  # extract_features normalizes
     t0 = time.perf_counter()
     feats_train = extract_features(backbone, train.images, mean, std, batch_size=512)
     metric_real = test.images[:a.metric_images]

@@ -296,7 +296,7 @@ def test_export_load_round_trip(tmp_path, name, kwargs, shape):
     assert config["spec"] == backbone_spec(model) and config["num_features"] == model.num_features
     assert config["format_version"] == 1 and config["method"] == "simclr" and "load_backbone" in config["how_to_load"]
     for path in (out_dir, out_dir / "backbone.safetensors", out_dir / "backbone.json", str(out_dir)):
-        loaded = load_backbone(path)
+        loaded = load_backbone(path, raw=True)
         assert not loaded.training
         torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
     assert not list(out_dir.glob("*.tmp"))  # atomic writes leave no temporaries
@@ -306,7 +306,7 @@ def test_export_channels_last_and_shared_tensors(tmp_path):
     model = build_backbone("resnet10", stem="cifar", width=4).to(memory_format=torch.channels_last).eval()
     x = torch.randn(2, 3, 16, 16)
     export_backbone(model, tmp_path)
-    torch.testing.assert_close(load_backbone(tmp_path)(x), model(x))
+    torch.testing.assert_close(load_backbone(tmp_path, raw=True)(x), model(x))
     from selfsup.nn.backbones import _tensors_for_safetensors
 
     w = torch.randn(3, 3)
@@ -323,20 +323,20 @@ def test_load_errors(tmp_path):
     export_backbone(model, tmp_path)
     (tmp_path / "backbone.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing .*backbone.safetensors"):
-        load_backbone(tmp_path)
+        load_backbone(tmp_path, raw=True)
     export_backbone(model, tmp_path)
     (tmp_path / "backbone.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid backbone config"):
-        load_backbone(tmp_path / "backbone.safetensors")
+        load_backbone(tmp_path / "backbone.safetensors", raw=True)
     export_backbone(model, tmp_path)
     (tmp_path / "backbone.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="corrupt"):
-        load_backbone(tmp_path)
+        load_backbone(tmp_path, raw=True)
     other = build_backbone("resnet10", width=8)
     export_backbone(other, tmp_path)
     (tmp_path / "backbone.json").write_text(json.dumps({"spec": backbone_spec(model), "format_version": 1}))
     with pytest.raises(ValueError, match="do not match"):
-        load_backbone(tmp_path)
+        load_backbone(tmp_path, raw=True)
 
 
 def test_timm_backbone(tmp_path):
@@ -345,4 +345,4 @@ def test_timm_backbone(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     assert model(x).shape == (2, 512) and model.num_features == 512
     export_backbone(model, tmp_path)
-    torch.testing.assert_close(load_backbone(tmp_path)(x), model(x))
+    torch.testing.assert_close(load_backbone(tmp_path, raw=True)(x), model(x))

@@ -35,9 +35,16 @@ def test_train_and_eval_end_to_end(method, tiny_fmnist, tmp_path, capsys):
     assert s["method"] == method and s["steps"] == 2 * (256 // 64)
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("knn_top1" in r for r in records) and all(r["loss"] == r["loss"] for r in records if "loss" in r)
-    # the exported backbone loads back in one call and gives the encoder's features
+    # the exported backbone loads back in one call and gives, from uint8 images, the features evaluation used
+    from selfsup.data.datasets import dataset_stats
+    from selfsup.evaluate.features import extract_features
+
     model = load_backbone(out)
-    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, model.num_features)
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = extract_features(load_backbone(out, raw=True), images, *dataset_stats("fashion_mnist", 1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+        assert load_backbone(out / "init")(images).shape == (4, model.num_features)  # the untrained export too
     # `selfsup eval` re-evaluates the finished run (labels exist -> kNN and linear)
     capsys.readouterr()
     assert main(["eval", str(out), "eval.linear=false"]) == 0

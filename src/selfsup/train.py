@@ -220,7 +220,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_views": resolved},
                                                             sort_keys=False))
         if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
-            export_backbone(raw.encoder, run_dir / "init")
+            export_backbone(raw.encoder, run_dir / "init", extra={"mean": list(mean), "std": list(std)})
 
     lr = scaled_lr(cfg.optim.base_lr, cfg.batch_size, cfg.optim.lr_rule)
     say(f"selfsup: {cfg.method} ({cfg.recipe}) on {train_data.name}: {len(train_data)} images {C}x{H}x{W}, "

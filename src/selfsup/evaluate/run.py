@@ -59,7 +59,7 @@ def load_run_encoder(run_dir: Path, cfg: Config, in_chans: int, device) -> nn.Mo
     """The exported backbone when there is one, else the encoder inside the last checkpoint."""
     run_dir = Path(run_dir)
     if (run_dir / "backbone.safetensors").exists():
-        return load_backbone(run_dir).to(device)
+        return load_backbone(run_dir, raw=True).to(device)
     method = load_run_method(run_dir, cfg, in_chans)
     if method is None:
         raise FileNotFoundError(
@@ -78,7 +78,7 @@ def _global_views(view_maker):
 def init_knn(init_dir: Path, train_data, test_data, mean, std, cfg: Config, device) -> float:
     """kNN top-1 of the network at initialization (the "untrained" baseline every SSL number is compared with)."""
     amp = autocast_dtype(cfg.train.precision, device)
-    init = load_backbone(init_dir).to(device)
+    init = load_backbone(init_dir, raw=True).to(device)
     tr = extract_features(init, train_data.images, mean, std, device=device, dtype=amp)
     te = extract_features(init, test_data.images, mean, std, device=device, dtype=amp)
     res = knn_classify(tr, train_data.labels, te, test_data.labels, k=cfg.eval.knn_k,
@@ -186,9 +186,10 @@ def evaluate(
     ``eval_options`` are :class:`selfsup.config.EvalConfig` fields (``mlp=False``, ``knn_ks=[20]`` ...). ``mean`` /
     ``std`` default to the dataset's statistics. Example with a timm model::
 
-        import timm, selfsup
+        import timm
+        from selfsup.evaluate import evaluate
         m = timm.create_model("resnet18", pretrained=True, num_classes=0, in_chans=1)
-        selfsup.evaluate(m, "fashion_mnist", out_dir="eval-timm", mlp=False)
+        evaluate(m, "fashion_mnist", out_dir="eval-timm", mlp=False)
     """
     opts = EvalConfig()
     for k, v in eval_options.items():
@@ -241,7 +242,7 @@ def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
 
     target = Path(target)
     device = select_device(cfg.train.device)
-    encoder = load_backbone(target).to(device)
+    encoder = load_backbone(target, raw=True).to(device)
     train_data, test_data = load_data(cfg)
     C = train_data.image_shape[0]
     in_chans = getattr(encoder, "in_chans", None)

@@ -8,7 +8,14 @@ Exported layout (``export_backbone(model, DIR)``)::
     DIR/backbone.safetensors   the state_dict (weights and BN statistics)
     DIR/backbone.json          {"spec", "num_features", "format_version", "how_to_load", **extra}
 
-``load_backbone(DIR)`` rebuilds the module from the spec, loads the weights strictly and returns it in eval mode.
+``load_backbone(DIR)`` rebuilds the module from the spec, loads the weights strictly and returns it in eval mode,
+wrapped in :class:`ImageBackbone` so that it takes images as a user has them (uint8, or float in [0, 1]) and applies
+the run's normalization itself; ``raw=True`` returns the bare network, which expects normalized float input.
+
+A backbone file may come from someone else: ``backbone.json`` is validated (types, size, nesting) and may only
+describe an architecture. For ``timm:`` models only the options in ``TIMM_ARCH_KWARGS`` reach ``timm.create_model``;
+``pretrained``, ``checkpoint_path``, ``pretrained_cfg_overlay`` and the like are refused (they would download from a
+URL of the file's choosing or unpickle a file it names). Weights only ever come from the safetensors file.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +41,15 @@ WEIGHTS_FILE = "backbone.safetensors"
 CONFIG_FILE = "backbone.json"
 TIMM_PREFIX = "timm:"
 
+MAX_CONFIG_BYTES = 1 << 20  # a backbone.json is a few hundred bytes; anything this large is not one
 _RESNET_KWARGS = ("stem", "width", "zero_init_residual")
+# timm.create_model options that only shape the architecture (timm's ResNet / ViT / ConvNeXt families)
+TIMM_ARCH_KWARGS = ("img_size", "patch_size", "global_pool", "drop_rate", "drop_path_rate", "embed_dim", "depth",
+                    "num_heads", "mlp_ratio", "qkv_bias", "class_token", "reg_tokens", "no_embed_class",
+                    "dynamic_img_size", "output_stride", "depths", "dims")
+# options that load weights: used when a user builds a model, never stored in or read from an export
+_TIMM_WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                       "pretrained_strict")
 _VIT_KWARGS = tuple(p for p in inspect.signature(VisionTransformer).parameters if p != "in_chans")
 
 
@@ -80,7 +97,7 @@ def build_backbone(name: str, in_chans: int = 3, **kwargs) -> nn.Module:
     The spec needed to rebuild the module is stored on it as ``selfsup_spec`` (see ``backbone_spec``).
     """
     if name.startswith(TIMM_PREFIX):
-        spec_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}  # weights travel in the export
+        spec_kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_WEIGHT_KWARGS}  # weights travel in the export
         model: nn.Module = TimmBackbone(name[len(TIMM_PREFIX):], in_chans=in_chans, **kwargs)
     else:
         registry = _registry()
@@ -128,7 +145,11 @@ def export_backbone(model: nn.Module, directory: str | os.PathLike, extra: dict 
     """Write ``directory/backbone.safetensors`` and ``directory/backbone.json``; return the directory."""
     from safetensors.torch import save_file
 
+    if isinstance(model, ImageBackbone):  # keep its normalization with it
+        extra = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), **(extra or {})}
+        model = model.backbone
     spec = backbone_spec(model)
+    _validated_spec(spec, "the backbone to export")  # fail now rather than when someone loads it
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
@@ -159,8 +180,120 @@ def _export_files(path: Path) -> tuple[Path, Path]:
     raise ValueError(f"{path} is not a backbone export: pass the directory, or its .safetensors or .json file")
 
 
-def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported backbone and load its weights strictly; returns the module in eval mode."""
+def _read_config(config_path: Path) -> dict:
+    """backbone.json as a dict, refusing files that are huge, nested too deeply or not JSON objects."""
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_path} is {size} bytes: not a backbone config (those are under 1 KB)")
+    try:
+        config = json.loads(config_path.read_text())
+    except RecursionError:
+        raise ValueError(f"{config_path} is not a valid backbone config: its JSON is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not a valid backbone config ({e}); re-export the backbone") from None
+    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
+        raise ValueError(f"{config_path} is not a valid backbone config: expected an object with a 'spec' object")
+    return config
+
+
+def _is_plain(v) -> bool:
+    """A JSON scalar, or a short flat list of them: all an architecture option ever is."""
+    if isinstance(v, list):
+        return len(v) <= 16 and all(isinstance(x, (bool, int, float, str)) or x is None for x in v)
+    return v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _validated_spec(spec: dict, where: str) -> tuple[str, int, dict]:
+    """(name, in_chans, kwargs) of a spec whose every key is a known architecture option with a plain value."""
+    spec = dict(spec)
+    name, in_chans = spec.pop("name", None), spec.pop("in_chans", 3)
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: spec.name must be a backbone name, got {name!r}")
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or not 1 <= in_chans <= 64:
+        raise ValueError(f"{where}: spec.in_chans must be an integer from 1 to 64, got {in_chans!r}")
+    if name.startswith(TIMM_PREFIX):
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name[len(TIMM_PREFIX):]):
+            raise ValueError(f"{where}: {name!r} is not a timm model name")
+        allowed = TIMM_ARCH_KWARGS
+    elif name in _registry():
+        allowed = _registry()[name][1]
+    else:
+        raise _unknown(f"backbone in {where}:", name, backbone_names() + [TIMM_PREFIX + "<model_name>"])
+    refused = sorted(k for k in spec if k not in allowed)
+    if refused:
+        weights = [k for k in refused if k in _TIMM_WEIGHT_KWARGS]
+        why = (f" ({', '.join(weights)} would load weights from elsewhere: an export's weights come only from its "
+               f"{WEIGHTS_FILE})") if weights else ""
+        raise ValueError(f"{where}: refused backbone options {refused}{why}. A backbone config may only hold "
+                         f"architecture options: {', '.join(allowed)}. Remove the others.")
+    bad = sorted(k for k, v in spec.items() if not _is_plain(v))
+    if bad:
+        raise ValueError(f"{where}: options {bad} must be numbers, strings, booleans or short lists of them")
+    return name, in_chans, spec
+
+
+def _normalization(config: dict, in_chans: int, config_path: Path) -> tuple[list[float], list[float]] | None:
+    """(mean, std) recorded at export, checked; None when the export records none."""
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None and std is None:
+        return None
+    ok = all(isinstance(v, list) and len(v) == in_chans and
+             all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+             for v in (mean, std))
+    if not ok or min(std) <= 0:
+        raise ValueError(f"{config_path}: mean and std must be lists of {in_chans} finite numbers (std > 0), got "
+                         f"mean={mean!r} std={std!r}")
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+class ImageBackbone(nn.Module):
+    """An exported backbone that takes images as a user has them and normalizes them as its training run did.
+
+    Input: ``(B, C, H, W)`` uint8 in 0..255, or float in [0, 1]. Output: ``(B, num_features)``. Anything else (other
+    dtypes, floats outside [0, 1] such as already-normalized images, the wrong channel count) is refused with a
+    message, because it would otherwise give wrong features without a word. ``.backbone`` is the bare network.
+    """
+
+    def __init__(self, backbone: nn.Module, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = backbone.num_features
+        self.in_chans = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__} (use torch.from_numpy)")
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
+                             + (" (add a batch dimension: x[None])" if images.ndim == 3 else "")
+                             + (" (channels last? use x.permute(0, 3, 1, 2))" if images.ndim == 4
+                                and images.shape[-1] == self.in_chans else ""))
+        if images.dtype == torch.uint8:
+            x = images.float() / 255.0
+        elif images.is_floating_point():
+            x = images.float()
+            if x.numel():
+                lo, hi = torch.aminmax(x)
+                lo, hi = float(lo), float(hi)
+                if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
+                    raise ValueError(
+                        f"float images must lie in [0, 1]; these lie in [{lo:.3g}, {hi:.3g}]. This backbone "
+                        "normalizes its input itself (mean/std of its training data): pass uint8 images or floats "
+                        "in [0, 1], not already-normalized ones; for the bare network use load_backbone(..., raw=True)")
+        else:
+            raise TypeError(f"images of dtype {images.dtype}: pass uint8 (0..255) or float in [0, 1]")
+        dtype = next(self.backbone.parameters()).dtype
+        return self.backbone(((x - self.mean) / self.std).to(dtype))
+
+
+def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu", *, raw: bool = False) -> nn.Module:
+    """Rebuild an exported backbone and load its weights strictly; returns the module in eval mode.
+
+    By default an :class:`ImageBackbone`: give it uint8 images or floats in [0, 1]; it applies the normalization
+    recorded at export. ``raw=True``: the bare network, which expects images already normalized with that mean/std.
+    """
     from safetensors.torch import load_file
 
     weights, config_path = _export_files(Path(path))
@@ -168,16 +301,20 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         if not f.is_file():
             raise FileNotFoundError(f"missing {f}: a backbone export needs both {weights.name} and "
                                     f"{config_path.name} (write them with selfsup.export_backbone)")
-    try:
-        config = json.loads(config_path.read_text())
-        spec = dict(config["spec"])
-        name, in_chans = spec.pop("name"), spec.pop("in_chans", 3)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{config_path} is not a valid backbone config ({e!r}); re-export the backbone") from e
+    config = _read_config(config_path)
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format_version={version}; this selfsup reads {FORMAT_VERSION}")
-    model = build_backbone(name, in_chans=in_chans, **spec)
+        raise ValueError(f"{config_path} has format_version={version!r}; this selfsup reads {FORMAT_VERSION}")
+    name, in_chans, spec = _validated_spec(config["spec"], str(config_path))
+    stats = _normalization(config, in_chans, config_path)
+    if stats is None and not raw:
+        raise ValueError(f"{config_path} records no input normalization (mean, std), so selfsup cannot prepare "
+                         "images for this backbone. Load the bare network with load_backbone(path, raw=True) and "
+                         "normalize its input yourself, or re-export it with extra={'mean': [...], 'std': [...]}")
+    try:
+        model = build_backbone(name, in_chans=in_chans, **spec)
+    except (TypeError, ValueError) as e:  # e.g. width="8": the option names are right, a value is not
+        raise ValueError(f"{config_path}: spec {config['spec']!r} does not build a backbone: {e}") from None
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
@@ -186,4 +323,5 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"weights in {weights} do not match the backbone described in {config_path}: {e}") from e
-    return model.to(device).eval()
+    model = model.eval()
+    return (model if raw else ImageBackbone(model, *stats).eval()).to(device)
