@@ -94,11 +94,12 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     return config_from_saved(yaml.safe_load(path.read_text()) or {})
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -106,7 +107,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(before: dict, after: dict) -> dict[str, tuple]:
     """``{key: (old, new)}`` for every key of two config dicts whose values differ."""
-    a, b = _flat(before), _flat(after)
+    a, b = flat_config(before), flat_config(after)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -25,7 +25,7 @@ from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.plots import plot_training
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.nn.backbones import load_backbone
-from selfsup.runs import load_checkpoint
+from selfsup.runs import flat_config, load_checkpoint
 from selfsup.runtime import autocast_dtype, save_json, select_device
 
 HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top1_init")
@@ -278,16 +278,6 @@ QUICK_EVAL = ["eval.mlp=false", "eval.rotation=false", "eval.lidar_images=0", "e
               "eval.guillotine=false", "eval.decoder=false", "eval.linear_aug=false", "eval.finetune=false"]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """`selfsup compare`: one row per run from its eval.json (evaluated first, quickly, when it has none)."""
     import yaml
@@ -298,7 +288,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     for r in runs:
         if not (r / "config.yaml").exists():
             raise FileNotFoundError(f"{r} is not a selfsup run directory (no config.yaml)")
-    configs = [_flatten(yaml.safe_load((r / "config.yaml").read_text())) for r in runs]
+    configs = [flat_config(yaml.safe_load((r / "config.yaml").read_text())) for r in runs]
     ignore = {"out", "description", "resume", "resolved_views"}
     varying = sorted(k for k in set().union(*configs)
                      if k.split(".")[0] not in ignore and len({json.dumps(c.get(k)) for c in configs}) > 1)
