@@ -330,7 +330,8 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     except KeyboardInterrupt:
         if dist.is_main:
             save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
-            print(f"\nselfsup: interrupted at step {step}; checkpoint saved. Continue with resume=auto out={run_dir}")
+            print(f"\nselfsup: interrupted at step {step}; checkpoint saved. Continue with: "
+                  f"selfsup train {cfg.method} resume=auto out={run_dir}")
         raise
     finally:
         if bar is not None:
