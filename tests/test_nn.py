@@ -54,9 +54,11 @@ def test_resnet_output_shapes(stem, spatial28, spatial32, name, expansion):
         x = torch.randn(2, in_chans, size, size)
         assert model.num_features == width * 8 * expansion
         assert model(x).shape == (2, model.num_features)
-        assert model.forward_features(x).shape == (2, model.num_features, spatial, spatial)
+        feats = model.forward_features(x)
+        assert feats["map"].shape == (2, model.num_features, spatial, spatial)
         # forward is the global average pool of the last feature map
-        torch.testing.assert_close(model(x), model.forward_features(x).mean(dim=(2, 3)))
+        torch.testing.assert_close(model(x), feats["map"].mean(dim=(2, 3)))
+        torch.testing.assert_close(feats["pooled"], model(x))
 
 
 @pytest.mark.parametrize("stem, size_into_stage1", [("cifar", 32), ("small", 16), ("imagenet", 8)])

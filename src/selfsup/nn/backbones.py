@@ -89,6 +89,24 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The package's named outputs from timm's ``forward_features`` / ``forward_head(pre_logits=True)``:
+        ``pooled`` always, ``map`` (B, C, h, w) for ConvNets, ``tokens`` (B, N, D) patch tokens for transformers
+        (prefix tokens such as [cls] dropped, as ``cls`` when there is one). Token masks are not passed to timm."""
+        if masks is not None or keep is not None:
+            raise ValueError("token masks (masks=, keep=) need the package's own ViT (model.backbone=vit_tiny ...)")
+        feats = self.model.forward_features(x)
+        out = {"pooled": self.model.forward_head(feats, pre_logits=True)}
+        if feats.ndim == 4:
+            out["map"] = feats
+        elif feats.ndim == 3:
+            prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+            out["tokens"] = feats[:, prefix:]
+            if prefix:
+                out["cls"] = feats[:, 0]
+        return out
+
 
 def build_backbone(name: str, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build a backbone by name: resnet10/18/34/50 (stem, width, zero_init_residual), vit_tiny/small/base

@@ -1,7 +1,8 @@
 """ResNet backbones (He et al., 2016) in pure PyTorch, with the stems SSL papers use.
 
-API (timm-like): ``forward(x) -> (B, num_features)`` after global average pooling (no fc), and
-``forward_features(x) -> (B, C, h, w)`` for the last feature map (dense methods).
+API (one for every backbone of the package): ``forward(x) -> (B, num_features)`` after global average pooling (no
+fc), and ``forward_features(x) -> {"pooled": (B, C), "map": (B, C, h, w)}`` with the last feature map (dense
+methods).
 
 Stems:
   "imagenet"  7x7 conv stride 2 + 3x3 max-pool (torchvision; /4 before stage 1).
@@ -139,13 +140,23 @@ class ResNet(nn.Module):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn.weight)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, (B, num_features, h, w)."""
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"pooled": (B, C), "map": (B, C, h, w)}``. ``masks`` / ``keep`` (patch-token masking) are for ViTs: a
+        ConvNet sees masked images in pixel space instead, so passing them here is an error."""
+        if masks is not None or keep is not None:
+            raise ValueError("token masks (masks=, keep=) apply to ViT backbones; mask the image itself for a "
+                             "ResNet, or use model.backbone=vit_tiny/vit_small")
+        fmap = self.feature_map(x)
+        return {"pooled": fmap.mean(dim=(2, 3)), "map": fmap}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
 
 
 def resnet(name: str, *, in_chans: int = 3, stem: str = "imagenet", width: int = 64,
