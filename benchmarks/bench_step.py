@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from selfsup.config import build_config  # noqa: E402
+from selfsup.contract import Progress  # noqa: E402
 from selfsup.data.datasets import dataset_stats, load_dataset  # noqa: E402
 from selfsup.methods import get_method  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
@@ -44,15 +45,17 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    progress = Progress(0, 1000, 100)
+
     def full_step():
-        train_step(raw, raw, opt, None, x, None, gen, 1, device, amp, False)
-        raw.on_step_end(1, 1000)
+        train_step(raw, raw, opt, None, x, None, gen, 1, device, amp, False, progress)
+        raw.on_step_end(progress.after())
 
     views = raw.view_maker(x.to(device), gen)
 
     def fwd_bwd():
         with autocast(device, amp):
-            loss = raw(views)["loss"]
+            loss = raw(views, progress)["loss"]
         loss.backward()
         raw.zero_grad(set_to_none=True)
 

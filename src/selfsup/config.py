@@ -80,6 +80,7 @@ class OptimConfig:
     momentum: float = 0.9
     warmup_epochs: float = 10.0
     final_lr: float = 0.0                 # cosine decays to final_lr * lr
+    clip_grad: float = 0.0                # clip the global gradient norm to this (0: off; DINO uses 3.0)
 
 
 @dataclass

@@ -23,20 +23,50 @@ def scaled_lr(base_lr: float, effective_batch: int, rule: str) -> float:
     raise ValueError(f"unknown lr rule {rule!r}; use 'linear', 'sqrt' or 'none'")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither).
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that take no weight decay: 1-D ones (biases, norm scales) and every name a submodule
+    lists in ``no_weight_decay()`` (ViT position embedding, [cls] and [mask] tokens; timm's convention).
 
-    Excluding 1-D parameters from weight decay and LARS adaptation follows SimCLR and BYOL (You et al. 2017 §B;
-    Grill et al. 2020 appendix C); LARS reads the `lars` flag of each group.
+    The one policy of the package: pre-training (``param_groups``) and fine-tuning (``evaluate.finetune``) share it.
+    Excluding 1-D parameters follows SimCLR and BYOL (You et al. 2017 §B; Grill et al. 2020 appendix C).
     """
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and the ``no_decay_names`` parameters (neither).
+
+    LARS reads the `lars` flag of each group.
+    """
+    skip = no_decay_names(model)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "lars": True}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
     return groups
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+                    betas: tuple[float, float] = (0.9, 0.999), groups: list[dict] | None = None
+                    ) -> torch.optim.Optimizer:
+    """``name`` (sgd | adamw | lars) over ``groups`` (default: ``param_groups(model, weight_decay)``)."""
+    groups = param_groups(model, weight_decay) if groups is None else groups
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    for g in groups:
+        g.pop("lars", None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lars'")
 
 
 class LARS(torch.optim.Optimizer):
@@ -73,20 +103,6 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(group["momentum"]).add_(d_p)
                 p.add_(buf, alpha=-group["lr"])
         return loss
-
-
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    for g in groups:
-        g.pop("lars")
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lars'")
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:

@@ -1,6 +1,7 @@
-"""The one training loop. It never knows which method it runs (DESIGN.md §2):
+"""The one training loop. It never knows which method it runs (DESIGN.md §2, contract in `selfsup.contract`):
 
-    uint8 batch -> device -> method.view_maker -> method(views) -> loss -> optimizer -> method.on_step_end -> logs
+    uint8 batch -> device -> method.view_maker -> method(views, progress) -> loss -> backward
+      -> method.before_optimizer_step -> clip -> optimizer -> method.on_step_end -> logs
 
 Exact resume: the data order depends only on (seed, epoch) and every random draw of a step (views, dropout) comes from
 generators re-seeded from (seed, rank, step), so a checkpoint needs no RNG state and a resumed run retraces the
@@ -20,7 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import distributed as du
-from selfsup.config import Config, ConfigError, to_plain
+from selfsup.config import Config, ConfigError
+from selfsup.contract import Progress
 from selfsup.data.datasets import ImageDataset, dataset_stats, load_dataset
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
@@ -28,7 +30,7 @@ from selfsup.evaluate.probe import OnlineLinearProbe
 from selfsup.methods import get_method
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from selfsup.runs import CHECKPOINT, config_changes, load_checkpoint, refused_changes
+from selfsup.runs import CHECKPOINT, config_changes, config_from_saved, load_checkpoint, refused_changes
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
 
 
@@ -126,7 +128,8 @@ def _resume_state(cfg: Config, run_dir: Path, ckpt_path: Path) -> dict | None:
             f"resume={cfg.resume}: no such checkpoint"
         raise ConfigError(f"{where}; drop resume= to start a new run")
     state = load_checkpoint(path)
-    changes = {k: c for k, c in config_changes(state["config"], cfg.to_dict()).items() if k not in ("resume", "out")}
+    saved = config_from_saved(state["config"]).to_dict()  # keys added since the run started take their defaults
+    changes = {k: c for k, c in config_changes(saved, cfg.to_dict()).items() if k not in ("resume", "out")}
     refused = refused_changes(changes)
     if refused:
         raise ConfigError(f"resuming {path} with this config would train a different run: " + "; ".join(refused) +
@@ -137,11 +140,13 @@ def _resume_state(cfg: Config, run_dir: Path, ckpt_path: Path) -> dict | None:
     return state
 
 
-def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool):
+def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool,
+               progress: Progress, clip_grad: float = 0.0):
     """One optimizer step on this process's uint8 images `x` (labels `y` or None), in `accum` micro-batches.
 
     Returns (loss, scalars the method logged, online-probe logs). `model` is `raw` or its DDP wrapper; gradients are
-    synchronized only on the last micro-batch. The caller calls `raw.on_step_end` afterwards.
+    synchronized only on the last micro-batch; then `raw.before_optimizer_step(progress)`, gradient clipping to a
+    global norm of `clip_grad` (0: off) and the optimizer step. The caller calls `raw.on_step_end` afterwards.
     """
     micro = x.shape[0] // accum
     loss_sum, extra, probe_logs = 0.0, {}, {}
@@ -149,15 +154,18 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
         xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
         views = raw.view_maker(xm, gen)
         if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            views = views.map_crops(lambda c: c.contiguous(memory_format=torch.channels_last))
         sync = model.no_sync() if m < accum - 1 and isinstance(model, DDP) else contextlib.nullcontext()
         with sync, autocast(device, amp):
-            out = model(views)
+            out = model(views, progress)
         (out["loss"] / accum).backward()
         loss_sum += out["loss"].item() / accum
         extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features")}
         if probe is not None and y is not None:
             probe_logs = probe.step(out["features"].detach().float(), y[m * micro:(m + 1) * micro].to(device))
+    raw.before_optimizer_step(progress)
+    if clip_grad > 0:
+        extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, extra, probe_logs
@@ -214,13 +222,11 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        resolved = [to_plain(c) for c in raw.view_maker.global_cfgs]
-        if raw.view_maker.n_local:
-            resolved += [to_plain(raw.view_maker.local_cfg)] * raw.view_maker.n_local
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_views": resolved},
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(),
+                                                             "resolved_views": raw.view_maker.describe()},
                                                             sort_keys=False))
         if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
-            export_backbone(raw.encoder, run_dir / "init", extra={"mean": list(mean), "std": list(std)})
+            export_backbone(raw.exports()["backbone"], run_dir / "init", extra={"mean": list(mean), "std": list(std)})
 
     lr = scaled_lr(cfg.optim.base_lr, cfg.batch_size, cfg.optim.lr_rule)
     say(f"selfsup: {cfg.method} ({cfg.recipe}) on {train_data.name}: {len(train_data)} images {C}x{H}x{W}, "
@@ -238,11 +244,12 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         else:
             say("selfsup: batch norm is per process on CPU (PyTorch's SyncBatchNorm needs CUDA)")
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,
+                                groups=raw.param_groups(cfg.optim.weight_decay))
     probe = None
     if labels is not None and cfg.train.online_probe:
         n_cls = train_data.num_classes or int(labels.max()) + 1
-        probe = OnlineLinearProbe(raw.encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
+        probe = OnlineLinearProbe(raw.exports()["backbone"].num_features, n_cls, lr=cfg.train.probe_lr).to(device)
 
     start_step, segments = 0, []
     if state is not None:
@@ -291,12 +298,13 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ (1 << 62))  # a stream apart from the views
             x = train_data.images[local]
             y = labels[local] if labels is not None else None
+            progress = Progress(step, total_steps, steps_per_epoch)
             loss_sum, extra, probe_logs = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp,
-                                                     channels_last)
+                                                     channels_last, progress, cfg.optim.clip_grad)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower optim.base_lr, use "
                                          "precision=fp32, or check the data")
-            hook_logs = raw.on_step_end(step + 1, total_steps) or {}
+            hook_logs = raw.on_step_end(progress.after()) or {}
             step += 1
             dt = time.perf_counter() - t0
             step_time += dt
@@ -321,7 +329,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
                       f"eta {(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
             if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
                     and (step // steps_per_epoch) % cfg.train.knn_every == 0):
-                acc = _knn_monitor(raw.encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
+                acc = _knn_monitor(raw.exports()["backbone"], train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
                 logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
                 say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
                 raw.train()
@@ -340,7 +348,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     segment["seconds"] = round(time.time() - t_loop, 3)
     if dist.is_main:
         save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
-        export_backbone(raw.encoder, run_dir, extra={"method": cfg.method, "step": step,
+        export_backbone(raw.exports()["backbone"], run_dir, extra={"method": cfg.method, "step": step,
                                                      "mean": list(mean), "std": list(std)})
     du.barrier()
     if not dist.is_main:

@@ -1,4 +1,4 @@
-"""View makers: a batch -> a list of augmented views (cookbook §3.1 augmentations, §3.1.1 multi-crop).
+"""View makers: a batch -> ``Views`` (cookbook §3.1 augmentations, §3.1.1 multi-crop).
 
 A view maker is the only thing a method knows about its data pipeline, so other modalities (tabular,
 audio, text) plug in by implementing the same ``ViewMaker`` protocol. The image view makers here are
@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from selfsup.config import to_plain
+from selfsup.contract import Views
 from selfsup.data.augment import Augment, AugmentConfig, config_field_names, to_float01
 
 VIEW_KINDS = ("simclr", "byol", "multicrop")
@@ -28,11 +30,14 @@ VIEW_KINDS = ("simclr", "byol", "multicrop")
 
 @runtime_checkable
 class ViewMaker(Protocol):
-    """Turns a batch (on the training device) into a list of views. Modality-agnostic."""
+    """Turns a batch (on the training device) into :class:`selfsup.contract.Views`. Modality-agnostic.
 
-    def __call__(
-        self, batch: torch.Tensor, generator: torch.Generator | None = None
-    ) -> list[torch.Tensor]: ...
+    ``describe()`` lists what each crop does (written to the run's config.yaml as ``resolved_views``), so nobody
+    needs to read a view maker's internals."""
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views: ...
+
+    def describe(self) -> list[dict]: ...
 
 
 class MultiView:
@@ -64,13 +69,22 @@ class MultiView:
             f"global_cfgs={self.global_cfgs}, local_cfg={self.local_cfg})"
         )
 
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
         # Convert once when several views read the batch; a single view folds the 1/255 into its crop.
         x = to_float01(batch) if batch.dtype == torch.uint8 and self.n_global + self.n_local > 1 else batch
-        views = [aug(x, generator) for aug in self._global_augs]
+        crops = [aug(x, generator) for aug in self._global_augs]
         if self._local_aug is not None:
-            views += [self._local_aug(x, generator) for _ in range(self.n_local)]
-        return views
+            crops += [self._local_aug(x, generator) for _ in range(self.n_local)]
+        return Views(crops, self.n_global)
+
+    def describe(self) -> list[dict]:
+        """One dict of augmentation settings per crop, global crops first."""
+        cfgs = self.global_cfgs + [self.local_cfg] * (self.n_local if self._local_aug is not None else 0)
+        return [to_plain(c) for c in cfgs]
+
+    def global_views(self) -> MultiView:
+        """The global crops alone (one resolution: what LiDAR and other view-based evaluations draw)."""
+        return MultiView(self.global_cfgs)
 
 
 # --------------------------------------------------------------------------------------------- recipes

@@ -42,7 +42,7 @@ from selfsup.evaluate.aug_probe import (
 )
 from selfsup.evaluate.probe import stratified_split
 from selfsup.nn.vit import VisionTransformer
-from selfsup.optim import warmup_cosine
+from selfsup.optim import no_decay_names, warmup_cosine
 
 # MAE fine-tuning (He et al., 2022, Table 9): base lr 5e-4 per 256 images (lr = blr * batch / 256), weight decay
 # 0.05, layer decay 0.65 (ViT-B) / 0.75 (ViT-L, ViT-H); the cookbook gives 0.65-0.85 (§3.5.4). 0.75 is the middle of
@@ -88,7 +88,7 @@ def find_vit(model: nn.Module) -> tuple[str, VisionTransformer] | None:
 
 def vit_layer_id(name: str, depth: int) -> int:
     """Layer id of a ViT parameter name (relative to the ViT), as MAE's ``get_layer_id_for_vit``."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -114,13 +114,13 @@ def layer_decay_param_groups(
         )
     prefix, vit = located
     depth = len(vit.blocks)
-    no_decay = {prefix + n for n in vit.no_weight_decay()}
+    no_decay = no_decay_names(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = vit_layer_id(name[len(prefix) :], depth) if name.startswith(prefix) else depth + 1
-        decay = p.ndim > 1 and name not in no_decay
+        decay = name not in no_decay
         scale = layer_decay ** (depth + 1 - layer)
         group = groups.setdefault(
             (layer, decay),
@@ -133,14 +133,11 @@ def layer_decay_param_groups(
 
 def plain_param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
     """Two groups at one lr: weights (decayed) and 1-D parameters plus any ``no_weight_decay()`` names (not)."""
-    skip = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, "no_weight_decay"):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+            (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "lr": base_lr}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "lr": base_lr})

@@ -65,14 +65,12 @@ def load_run_encoder(run_dir: Path, cfg: Config, in_chans: int, device) -> nn.Mo
         raise FileNotFoundError(
             f"{run_dir} has neither backbone.safetensors nor checkpoints/last.pt to evaluate"
         )
-    return method.encoder.to(device).eval()
+    return method.exports()["backbone"].to(device).eval()
 
 
 def _global_views(view_maker):
     """The method's global views only (local crops have another size): LiDAR's view distribution."""
-    from selfsup.data.views import MultiView
-
-    return MultiView(view_maker.global_cfgs) if view_maker is not None else None
+    return view_maker.global_views() if hasattr(view_maker, "global_views") else None
 
 
 def init_knn(init_dir: Path, train_data, test_data, mean, std, cfg: Config, device) -> float:
@@ -115,8 +113,8 @@ def evaluate_run(
         method = load_run_method(run_dir, cfg, C)
         encoder = load_run_encoder(run_dir, cfg, C, device)
     else:
-        encoder = method.encoder
-    projector = getattr(method, "projector", None) if method is not None else None
+        encoder = method.exports()["backbone"]
+    projector = method.guillotine_head if method is not None else None
     view_maker = getattr(method, "view_maker", None) if method is not None else None
     labelled = test_data is not None and train_data.labels is not None and test_data.labels is not None
     extra = {"encoder": {"source": "run", "path": str(run_dir), "name": cfg.model.backbone},

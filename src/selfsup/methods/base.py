@@ -1,40 +1,29 @@
-"""The contract between a method and the trainer, and the registry that maps names to methods.
+"""The registry that maps method names to builders; the contract itself is :mod:`selfsup.contract`.
 
-A method is an `nn.Module` that owns everything it trains and everything it must carry through a resume (teacher,
-queues, centers live in modules and buffers, so `state_dict()` holds them). The trainer only ever calls:
-
-    views = method.view_maker(uint8_batch, generator)   # list of tensors on the device
-    out = method(views)                                  # {"loss": scalar, "features": backbone features of view 0,
-                                                         #  **other scalars to log}
-    logs = method.on_step_end(step, total_steps)         # once per optimizer step, after it (EMA, queues, ...)
-
-and `method.encoder` for evaluation and export. It never knows which method it runs.
+A method is a :class:`selfsup.contract.Method`: ``forward(views, progress)``, optional hooks, ``exports()`` and
+``guillotine_head``. ``forward_views`` runs a module over views batched by resolution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from selfsup.contract import Method, Progress, Views
 
-class Method(nn.Module):
-    encoder: nn.Module
-    view_maker: Callable
-
-    def on_step_end(self, step: int, total_steps: int) -> dict | None:
-        """Called once per optimizer step (not per micro-batch) with the number of steps done so far."""
-        return None
+__all__ = ["REGISTRY", "Method", "MethodEntry", "Progress", "Views", "forward_views", "register"]
 
 
-def forward_views(module: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+def forward_views(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Run `module` on each view, batching consecutive views of the same shape into one call.
 
     One call per resolution is faster than one per view, and batch-norm then normalizes over all views of a size
     together, as SimCLR's and BYOL's reference implementations do.
     """
+    views = list(views)
     outs: list[torch.Tensor] = []
     i = 0
     while i < len(views):

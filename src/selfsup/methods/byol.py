@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from selfsup.losses.distillation import byol_loss
-from selfsup.methods.base import Method, forward_views, register
+from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
 from selfsup.nn.heads import projector as mlp
 from selfsup.nn.teacher import cosine_momentum, ema_update, make_teacher
@@ -31,20 +31,20 @@ class BYOL(Method):
         self.teacher_projector = make_teacher(projector)
         self.ema_base, self.ema_final = ema_base, ema_final
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
-        n_global = self.view_maker.n_global
-        feats = forward_views(self.encoder, views)
+    def forward(self, views: Views, progress: Progress) -> dict:
+        n_global = views.n_global
+        feats = forward_views(self.encoder, views.crops)
         preds = forward_views(self.predictor, forward_views(self.projector, feats))
         with torch.no_grad():
-            targets = forward_views(self.teacher_projector, forward_views(self.teacher_encoder, views[:n_global]))
+            targets = forward_views(self.teacher_projector, forward_views(self.teacher_encoder, views.global_crops))
         # Each teacher view is regressed by every other student view; with two views this is the paper's symmetric
         # sum L(p1, z'2) + L(p2, z'1) (Grill et al. eq. 2), not its average. More views are scaled to the same size.
         pairs = [(i, j) for i in range(n_global) for j in range(len(views)) if j != i]
         loss = sum(byol_loss(preds[j], targets[i]) for i, j in pairs) * (2 / len(pairs))
         return {"loss": loss, "features": feats[0]}
 
-    def on_step_end(self, step: int, total_steps: int) -> dict:
-        m = cosine_momentum(step, total_steps, self.ema_base, self.ema_final)
+    def on_step_end(self, progress: Progress) -> dict:
+        m = cosine_momentum(progress.step, progress.total_steps, self.ema_base, self.ema_final)
         ema_update(self.teacher_encoder, self.encoder, m)
         ema_update(self.teacher_projector, self.projector, m)
         return {"ema_momentum": m}

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from selfsup.losses.contrastive import multi_view_nt_xent
-from selfsup.methods.base import Method, forward_views, register
+from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
 
 
@@ -24,10 +22,10 @@ class SimCLR(Method):
         self.view_maker = view_maker
         self.temperature = temperature
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
-        feats = forward_views(self.encoder, views)
+    def forward(self, views: Views, progress: Progress) -> dict:
+        feats = forward_views(self.encoder, views.crops)
         zs = forward_views(self.projector, feats)
-        loss = multi_view_nt_xent(zs, n_global=self.view_maker.n_global, temperature=self.temperature)
+        loss = multi_view_nt_xent(zs, n_global=views.n_global, temperature=self.temperature)
         return {"loss": loss, "features": feats[0]}
 
 
