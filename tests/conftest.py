@@ -30,6 +30,16 @@ def synthetic_classes(n: int, seed: int, size: int = 16, classes: int = 4):
     return np.clip(x, 0, 255).astype(np.uint8), y
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests sized (and timed) for 1 thread: small tensors gain nothing from intra-op threads, whose wake-ups
+    cost seconds on a loaded 2-core machine. This conftest otherwise asks for 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_fmnist(tmp_path):
     """A Fashion-MNIST-format folder (official idx.gz files) with 256 train and 128 test synthetic images."""

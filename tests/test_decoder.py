@@ -18,14 +18,7 @@ from selfsup.evaluate.decoder import (
     train_decoder,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite's conftest asks for 2 threads; these tests are sized (and timed) for 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def patterns(size: int = 8) -> torch.Tensor:

@@ -16,13 +16,7 @@ from selfsup.nn.vit import VisionTransformer
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Masks are small tensors: intra-op threads only add OpenMP wake-ups (seconds on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0, device: str = "cpu") -> torch.Generator:
