@@ -64,3 +64,18 @@ def test_recipes_lists_methods_with_cookbook_sections(capsys):
     assert main(["recipes"]) == 0
     text = capsys.readouterr().out
     assert "simclr" in text and "byol" in text and "fmnist-long" in text and "§2.2" in text
+
+
+def test_one_did_you_mean_for_every_unknown_name():
+    from selfsup.data.datasets import canonical_name
+    from selfsup.names import did_you_mean
+
+    assert did_you_mean("resnt18", ["resnet18", "vit_tiny"]) == " Did you mean 'resnet18'?"
+    assert did_you_mean("zzzz", ["resnet18"]) == ""
+    for call, expected in ((lambda: get_method("simclrr"), "Did you mean 'simclr'?"),
+                           (lambda: canonical_name("cifar1O"), "Did you mean 'cifar10'?"),
+                           (lambda: build_config("simclr", ["optim.base_lrr=1"], params_cls=get_method("simclr").params_cls),
+                            "Did you mean 'optim.base_lr'?")):
+        with pytest.raises((KeyError, ValueError)) as e:
+            call()
+        assert expected in str(e.value)

@@ -531,7 +531,7 @@ def test_download_and_extract_cifar_archive(tmp_path, monkeypatch):
 
 def test_names_splits_and_image_size():
     assert ds.canonical_name("Fashion-MNIST") == "fashion_mnist" and ds.canonical_name("fmnist") == "fashion_mnist"
-    with pytest.raises(ValueError, match="did you mean 'cifar10'"):
+    with pytest.raises(ValueError, match="Did you mean 'cifar10'"):
         ds.canonical_name("cifar1O")
     with pytest.raises(ValueError, match="valid: train, test, unlabeled, train\\+unlabeled"):
         load_dataset("stl10", "val", download=False)

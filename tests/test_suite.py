@@ -252,7 +252,7 @@ def test_evaluate_any_module_from_python(tmp_path):
                    rotation=False, knn_ks=[5], knn_k=5, lidar_images=20, tsne_points=40, linear_epochs=5)
     assert res["encoder"] == {"source": "module", "name": "Sequential", "num_features": 16}
     assert res["knn_top1"] == 100.0 and (tmp_path / "report.html").exists()
-    with pytest.raises(TypeError, match="did you mean 'mlp'"):
+    with pytest.raises(TypeError, match="Did you mean 'mlp'"):
         evaluate(model, (train, test), mpl=False)
 
 

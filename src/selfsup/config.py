@@ -9,7 +9,6 @@ work) is easy to get exactly right. Method-specific settings live in a section n
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from importlib import resources
 from typing import Any
 
 import yaml
+
+from selfsup.names import closest, did_you_mean
 
 
 class ConfigError(ValueError):
@@ -225,11 +226,12 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # match on the last component, e.g. "lr" -> "optim.base_lr"
+    match = closest(key, valid, cutoff=0.5)
+    if match is None:  # match on the last component, e.g. "lr" -> "optim.base_lr"
         last = {k.split(".")[-1]: k for k in valid}
-        close = [last[m] for m in difflib.get_close_matches(key.split(".")[-1], list(last), n=1, cutoff=0.6)]
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+        tail = closest(key.split(".")[-1], last)
+        match = last[tail] if tail else None
+    hint = f" Did you mean {match!r}?" if match else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Run `selfsup train METHOD --show-config` to list every key.")
 
 
@@ -293,9 +295,8 @@ def load_recipe(method: str, recipe: str) -> dict:
     path = resources.files("selfsup") / "recipes" / method / f"{recipe}.yaml"
     if not path.is_file():
         names = recipe_names(method)
-        close = difflib.get_close_matches(recipe, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"method {method!r} has no recipe {recipe!r}.{hint} Available: {', '.join(names)}")
+        raise ConfigError(f"method {method!r} has no recipe {recipe!r}.{did_you_mean(recipe, names)} "
+                          f"Available: {', '.join(names)}")
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -344,8 +345,7 @@ def _check(cfg: Config) -> None:
     from selfsup.nn.backbones import backbone_names
 
     if not cfg.model.backbone.startswith("timm:") and cfg.model.backbone not in backbone_names():
-        close = difflib.get_close_matches(cfg.model.backbone, backbone_names(), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(cfg.model.backbone, backbone_names())
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown.{hint} Valid: "
                           f"{', '.join(backbone_names())}, or timm:<model name>")
     try:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
+from selfsup.data.datasets import ImageDataset, load_dataset
 
 CHECKPOINT = "checkpoints/last.pt"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
@@ -175,3 +176,24 @@ def resume_config(method: str, overrides: list[str]) -> tuple[Config, dict[str, 
                           "train.max_steps, logging and checkpoint intervals, train.device and data.root. To train "
                           "with other settings, start a new run with another out=DIR.")
     return cfg, changes
+
+
+def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
+    """The run's train split and its labelled test split (None when there is none to evaluate on)."""
+    d = cfg.data
+    kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify,
+              image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
+    train = load_dataset(d.name, d.train_split, **kw)
+    if not d.test_split or train.labels is None:
+        return train, None
+    if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
+        # a folder without a test sub-folder has no held-out images: evaluating on the training images would
+        # report a number that is not a test accuracy
+        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: label-based evaluation is skipped "
+              f"(add {d.root}/{d.test_split}/<class>/... or set data.test_split)", flush=True)
+        return train, None
+    test = load_dataset(d.name, d.test_split, **kw)
+    if train.classes and test.classes and train.classes != test.classes:
+        raise ValueError(f"the train and test splits have different classes ({train.classes} vs {test.classes}); "
+                         "their labels would not match")
+    return train, test

@@ -23,35 +23,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from selfsup import distributed as du
 from selfsup.config import Config, ConfigError
 from selfsup.contract import Progress
-from selfsup.data.datasets import ImageDataset, dataset_stats, load_dataset
+from selfsup.data.datasets import ImageDataset, dataset_stats
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
 from selfsup.methods import get_method
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from selfsup.runs import CHECKPOINT, config_changes, config_from_saved, load_checkpoint, refused_changes
+from selfsup.runs import (
+    CHECKPOINT,
+    config_changes,
+    config_from_saved,
+    load_checkpoint,
+    load_data,
+    refused_changes,
+)
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
-
-
-def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
-    d = cfg.data
-    kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify,
-              image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
-    train = load_dataset(d.name, d.train_split, **kw)
-    if not d.test_split or train.labels is None:
-        return train, None
-    if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
-        # a folder without a test sub-folder has no held-out images: evaluating on the training images would
-        # report a number that is not a test accuracy
-        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: label-based evaluation is skipped "
-              f"(add {d.root}/{d.test_split}/<class>/... or set data.test_split)", flush=True)
-        return train, None
-    test = load_dataset(d.name, d.test_split, **kw)
-    if train.classes and test.classes and train.classes != test.classes:
-        raise ValueError(f"the train and test splits have different classes ({train.classes} vs {test.classes}); "
-                         "their labels would not match")
-    return train, test
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:

@@ -21,7 +21,6 @@ Downloads (md5-checked, atomic) live in :mod:`selfsup.data.download`, the offici
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,10 +34,12 @@ from selfsup.data.download import _download_dataset, cache_home
 from selfsup.data.download import _verify_md5 as _verify_md5
 from selfsup.data.download import atomic_write_json as atomic_write_json
 from selfsup.data.download import writable_cache_dir as writable_cache_dir
+from selfsup.data.folder import load_folder
 from selfsup.data.formats import _cifar_has, _cifar_read, _idx_has, _idx_read, _stl_has, _stl_read
 from selfsup.data.formats import read_idx as read_idx
 from selfsup.data.formats import read_stl_images as read_stl_images
 from selfsup.data.types import DataError, ImageDataset, _numpy_to_tensor
+from selfsup.names import did_you_mean
 
 # ----------------------------------------------------------------------------------------------- from_arrays
 
@@ -213,9 +214,8 @@ def canonical_name(name: str) -> str:
     key = _ALIASES.get(key, key)
     if key not in DATASET_INFO:
         known = sorted(DATASET_INFO) + sorted(_ALIASES)
-        hint = difflib.get_close_matches(key, known, n=1)
-        raise ValueError(f"unknown dataset {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                         + f"; known: {', '.join(sorted(DATASET_INFO))}")
+        raise ValueError(f"unknown dataset {name!r}.{did_you_mean(key, known)} Known: "
+                         f"{', '.join(sorted(DATASET_INFO))}")
     return key
 
 
@@ -303,8 +303,6 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if key == "folder":
-        from selfsup.data.folder import load_folder  # here, not at the top: folder.py imports this module
-
         return load_folder(root, split, image_size=image_size, on_error=on_error, cache_dir=cache_dir)
     info = DATASET_INFO[key]
     if split not in info.splits:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfsup.data.datasets import DataError, ImageDataset, atomic_write_json, cache_home, writable_cache_dir
+from selfsup.data.download import atomic_write_json, cache_home, writable_cache_dir
+from selfsup.data.types import DataError, ImageDataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_IMAGE_SIZE = 64

@@ -15,7 +15,6 @@ Recipes, each default sourced:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +23,7 @@ import torch
 from selfsup.config import to_plain
 from selfsup.contract import Views
 from selfsup.data.augment import Augment, AugmentConfig, config_field_names, to_float01
+from selfsup.names import did_you_mean
 
 VIEW_KINDS = ("simclr", "byol", "multicrop")
 
@@ -94,9 +94,8 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
     valid = config_field_names()
     for name in overrides:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown augmentation override {name!r}.{hint} Valid names: {', '.join(valid)}")
+            raise ValueError(f"unknown augmentation override {name!r}.{did_you_mean(name, valid)} Valid names: "
+                             f"{', '.join(valid)}")
 
 
 def _base(
@@ -191,9 +190,8 @@ def build_view_maker(
     defaults to ``default_local_size(size)``.
     """
     if kind not in VIEW_KINDS:
-        close = difflib.get_close_matches(kind, VIEW_KINDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown view maker kind {kind!r}.{hint} Valid kinds: {', '.join(VIEW_KINDS)}")
+        raise ValueError(f"unknown view maker kind {kind!r}.{did_you_mean(kind, VIEW_KINDS)} Valid kinds: "
+                         f"{', '.join(VIEW_KINDS)}")
     if kind != "multicrop":
         if n_local:
             raise ValueError(f"n_local={n_local} local crops need kind='multicrop' (got kind={kind!r})")

@@ -24,8 +24,9 @@ from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.plots import plot_training
 from selfsup.evaluate.suite import evaluate_model
+from selfsup.names import did_you_mean
 from selfsup.nn.backbones import load_backbone
-from selfsup.runs import flat_config, load_checkpoint
+from selfsup.runs import flat_config, load_checkpoint, load_data
 from selfsup.runtime import autocast_dtype, save_json, select_device
 
 HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top1_init")
@@ -102,8 +103,6 @@ def evaluate_run(
     t0 = time.time()
     device = device or select_device(cfg.train.device)
     if train_data is None:
-        from selfsup.train import load_data
-
         train_data, test_data = load_data(cfg)
     C = train_data.image_shape[0]
     mean, std = dataset_stats(cfg.data.name, channels=C)
@@ -192,10 +191,7 @@ def evaluate(
     opts = EvalConfig()
     for k, v in eval_options.items():
         if not hasattr(opts, k):
-            import difflib
-
-            close = difflib.get_close_matches(k, list(vars(opts)), n=1)
-            raise TypeError(f"unknown evaluation option {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise TypeError(f"unknown evaluation option {k!r}.{did_you_mean(k, vars(opts))}")
         setattr(opts, k, v)
     if isinstance(data, str):
         from selfsup.data.datasets import load_dataset
@@ -236,8 +232,6 @@ def _backbone_name(target: Path) -> str | None:
 
 def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
     """`selfsup eval BACKBONE data=NAME`: every protocol that needs no projector, on an exported backbone."""
-    from selfsup.train import load_data
-
     target = Path(target)
     device = select_device(cfg.train.device)
     encoder = load_backbone(target, raw=True).to(device)

@@ -20,7 +20,6 @@ URL of the file's choosing or unpickle a file it names). Weights only ever come 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfsup.names import did_you_mean
 from selfsup.nn.resnet import DEPTHS, resnet
 from selfsup.nn.vit import SIZES, VisionTransformer, vit
 from selfsup.runtime import atomic_write
@@ -69,9 +69,7 @@ def backbone_names() -> list[str]:
 
 
 def _unknown(what: str, value: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(value, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {what} {value!r}.{hint} Valid: {', '.join(valid)}")
+    return ValueError(f"unknown {what} {value!r}.{did_you_mean(value, valid)} Valid: {', '.join(valid)}")
 
 
 class TimmBackbone(nn.Module):
