@@ -230,7 +230,10 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
         else:
             say("selfsup: batch norm is per process on CPU (PyTorch's SyncBatchNorm needs CUDA)")
-        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcasting: a method keeps its buffers (centers, queues) equal on every process by
+        # construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence and
+        # overwrite per-step accumulators. BN statistics: SyncBN on CUDA, per process on CPU (rank 0's are saved).
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,
                                 groups=raw.param_groups(cfg.optim.weight_decay))
     probe = None

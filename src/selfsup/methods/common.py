@@ -38,6 +38,11 @@ def make_views(cfg: Config, kind: str, channels: int, mean, std) -> MultiView:
     names = ("scale", "ratio", "hflip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p",
              "blur_p", "solarize_p")
     overrides = {k: getattr(v, k) for k in names if getattr(v, k) is not None}
+    if kind == "multicrop":  # DINO's own local crops (blur 0.5, no solarization); views.scale is the global scale
+        if "scale" in overrides:
+            overrides["global_scale"] = overrides.pop("scale")
+        return build_view_maker(kind, v.size, mean, std, channels, n_local=v.n_local, local_size=v.local_size,
+                                local_scale=v.local_scale, **overrides)
     views = build_view_maker(kind, v.size, mean, std, channels, **overrides)
     if v.n_local == 0:
         return views
