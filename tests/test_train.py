@@ -148,3 +148,18 @@ def test_labelled_folder_uses_test_subfolder_only_when_present(tmp_path, capsys)
     assert main(_args("simclr", root / "train", out2, *fast)) == 0
     assert "knn_top1" not in json.loads((out2 / "summary.json").read_text())
     assert "label-based evaluation is skipped" in capsys.readouterr().out
+
+
+def test_step_seeds_differ_across_processes_and_seeds_on_the_cpu_generator():
+    """PyTorch's CPU generator uses only the low 32 bits of a seed: the step seed must differ there, or every
+    process (and every seed) draws the same augmentations."""
+    from selfsup.train import _OTHER_STREAM, _step_seed
+
+    def draw(seed, rank, step, salt=0):
+        return torch.rand(4, generator=torch.Generator().manual_seed(_step_seed(seed, rank, step) ^ salt))
+
+    assert torch.equal(draw(0, 0, 7), draw(0, 0, 7))
+    assert not torch.equal(draw(0, 0, 7), draw(0, 1, 7)) and not torch.equal(draw(0, 0, 7), draw(1, 0, 7))
+    assert not torch.equal(draw(0, 0, 7), draw(0, 0, 7, _OTHER_STREAM))  # dropout's stream is not the views'
+    assert _step_seed(0, 0, 123) == 123  # single-process seed-0 runs keep their earlier draws
+    assert len({_step_seed(s, r, t) for s in range(3) for r in range(4) for t in range(2000)}) == 3 * 4 * 2000

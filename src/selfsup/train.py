@@ -40,10 +40,20 @@ from selfsup.runs import (
 )
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
 
+_OTHER_STREAM = 0x2545F491  # XORed into the step seed for the global RNG (dropout, drop-path): not the views' stream
+
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
-    """A distinct seed for every (seed, rank, step) with rank < 2^20 and step < 2^32."""
-    return ((seed * 2**20 + rank) * 2**32 + step) % 2**63
+    """The 32-bit seed of one step's random draws (views, masks) on one process.
+
+    PyTorch's CPU generator keeps only the low 32 bits of a seed (its mt19937 is seeded from a uint32), so the seed
+    and the rank are mixed into those bits: the step XOR a multiplicative hash of (seed, rank). Distinct steps of one
+    process always get distinct seeds; processes and seeds get different ones. The hash of (0, 0) is 0, so a
+    single-process run with seed 0 draws what it drew before this function was fixed (it once put seed and rank
+    above bit 32, where the CPU generator dropped them: every process and every seed drew the same views).
+    """
+    mix = ((seed * 0x9E3779B1) ^ (rank * 0x85EBCA77)) & 0xFFFFFFFF
+    return (step & 0xFFFFFFFF) ^ mix
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -285,7 +295,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
             cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
             set_lr(optimizer, cur_lr)
             gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
-            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ (1 << 62))  # a stream apart from the views
+            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ _OTHER_STREAM)  # apart from the views
             x = train_data.images[local]
             y = labels[local] if labels is not None else None
             progress = Progress(step, total_steps, steps_per_epoch)
