@@ -87,6 +87,30 @@ class MultiView:
         return MultiView(self.global_cfgs)
 
 
+class RandomMaskViews:
+    """A view maker plus MAE's random patch mask, drawn with the batch from the same generator
+    (:func:`selfsup.data.masking.random_mask`): ``masks["mask"]`` (B, N) bool, ``masks["keep"]`` (B, K) and
+    ``masks["restore"]`` (B, N) long."""
+
+    def __init__(self, inner: MultiView, num_patches: int, ratio: float):
+        self.inner, self.num_patches, self.ratio = inner, num_patches, ratio
+        self.n_global = inner.n_global
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
+        from selfsup.data.masking import random_mask
+
+        views = self.inner(batch, generator)
+        pm = random_mask(batch.shape[0], self.num_patches, self.ratio, generator)
+        views.masks.update(mask=pm.mask, keep=pm.keep, restore=pm.restore)
+        return views
+
+    def describe(self) -> list[dict]:
+        return [{**d, "mask": "random", "mask_ratio": self.ratio} for d in self.inner.describe()]
+
+    def global_views(self) -> MultiView:
+        return self.inner.global_views()
+
+
 # --------------------------------------------------------------------------------------------- recipes
 
 

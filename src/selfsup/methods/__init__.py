@@ -1,6 +1,6 @@
 """Methods, one small file each, registered by name. Importing this package registers all of them."""
 
-from selfsup.methods import byol, dino, simclr  # noqa: F401  (registration side effect)
+from selfsup.methods import byol, dino, mae, simclr  # noqa: F401  (registration side effect)
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
 from selfsup.names import did_you_mean
 
