@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from selfsup.config import ConfigError, build_config, recipe_names
+from selfsup.config import ConfigError, build_config, parse_override, recipe_names
 
 USAGE = """selfsup train METHOD [key=value ...]   train a method, then evaluate it (e.g. selfsup train simclr epochs=2)
 selfsup eval RUN_DIR [key=value ...]    evaluate a run: eval.json + report.html (every protocol of cookbook §3.7)
@@ -60,11 +60,10 @@ def cmd_train(args) -> int:
         return 2
     from selfsup.runs import CheckpointError, resume_config
 
-    resuming = any(o.split("=", 1)[0].strip() == "resume" and o.split("=", 1)[1].strip() not in ("", "null")
-                   for o in args.overrides if "=" in o)
     try:
+        resuming = any(k == "resume" and v is not None for k, v in map(parse_override, args.overrides))
         if resuming:  # the run's own saved config is the base, not today's recipe
-            cfg, _ = resume_config(args.method, args.overrides)
+            cfg = resume_config(args.method, args.overrides)
         else:
             cfg = build_config(args.method, args.overrides, params_cls=entry.params_cls)
     except ConfigError as e:

@@ -106,6 +106,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / get_world_size()
 
 
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes in place (no gradient); identity on one process."""
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()

@@ -112,7 +112,7 @@ def config_changes(before: dict, after: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def refused_changes(changes: dict[str, tuple], steps_done: int | None = None) -> list[str]:
+def refused_changes(changes: dict[str, tuple]) -> list[str]:
     """Human-readable reasons for the changes a resume must not make (empty when every change is allowed)."""
     reasons = []
     for key, (old, new) in changes.items():
@@ -124,11 +124,11 @@ def refused_changes(changes: dict[str, tuple], steps_done: int | None = None) ->
     return reasons
 
 
-def resume_config(method: str, overrides: list[str]) -> tuple[Config, dict[str, tuple]]:
+def resume_config(method: str, overrides: list[str]) -> Config:
     """The config that continues a run: its saved config, then the overrides a resume may change.
 
     ``overrides`` hold ``resume=auto`` (with ``out=RUN_DIR``) or ``resume=PATH`` (a checkpoint; the run directory is
-    ``out`` or the checkpoint's run). Returns the config and the changes made, ``{key: (old, new)}``. Raises
+    ``out`` or the checkpoint's run). The trainer prints the changes when it loads the checkpoint. Raises
     :class:`ConfigError` when there is no run to resume or an override would train a different run.
     """
     pairs = [parse_override(o) for o in overrides]
@@ -175,7 +175,7 @@ def resume_config(method: str, overrides: list[str]) -> tuple[Config, dict[str, 
                           "batch, optimizer, views and seed; it may change epochs (more), eval.*, train.num_threads, "
                           "train.max_steps, logging and checkpoint intervals, train.device and data.root. To train "
                           "with other settings, start a new run with another out=DIR.")
-    return cfg, changes
+    return cfg
 
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:

@@ -246,10 +246,11 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,
                                 groups=raw.param_groups(cfg.optim.weight_decay))
+    encoder = raw.exports()["backbone"]  # what the online probe, the kNN monitor and the export see
     probe = None
     if labels is not None and cfg.train.online_probe:
         n_cls = train_data.num_classes or int(labels.max()) + 1
-        probe = OnlineLinearProbe(raw.exports()["backbone"].num_features, n_cls, lr=cfg.train.probe_lr).to(device)
+        probe = OnlineLinearProbe(encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
 
     start_step, segments = 0, []
     if state is not None:
@@ -329,7 +330,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
                       f"eta {(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
             if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
                     and (step // steps_per_epoch) % cfg.train.knn_every == 0):
-                acc = _knn_monitor(raw.exports()["backbone"], train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
+                acc = _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
                 logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
                 say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
                 raw.train()
@@ -348,8 +349,8 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     segment["seconds"] = round(time.time() - t_loop, 3)
     if dist.is_main:
         save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
-        export_backbone(raw.exports()["backbone"], run_dir, extra={"method": cfg.method, "step": step,
-                                                     "mean": list(mean), "std": list(std)})
+        export_backbone(encoder, run_dir, extra={"method": cfg.method, "step": step,
+                                              "mean": list(mean), "std": list(std)})
     du.barrier()
     if not dist.is_main:
         return {}

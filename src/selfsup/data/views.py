@@ -23,6 +23,7 @@ import torch
 from selfsup.config import to_plain
 from selfsup.contract import Views
 from selfsup.data.augment import Augment, AugmentConfig, config_field_names, to_float01
+from selfsup.data.masking import random_mask
 from selfsup.names import did_you_mean
 
 VIEW_KINDS = ("simclr", "byol", "multicrop")
@@ -97,8 +98,6 @@ class RandomMaskViews:
         self.n_global = inner.n_global
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
-        from selfsup.data.masking import random_mask
-
         views = self.inner(batch, generator)
         pm = random_mask(batch.shape[0], self.num_patches, self.ratio, generator)
         views.masks.update(mask=pm.mask, keep=pm.keep, restore=pm.restore)

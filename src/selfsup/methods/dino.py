@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from selfsup import distributed as du
@@ -84,9 +83,7 @@ class DINO(Method):
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> dict:
-        total = torch.cat([self._batch_sum, self._batch_count.view(1)])
-        if du.get_world_size() > 1:
-            dist.all_reduce(total)  # the same center on every process
+        total = du.all_reduce_sum_(torch.cat([self._batch_sum, self._batch_count.view(1)]))  # same on every process
         batch_center = total[:-1] / total[-1]
         self.center.mul_(self.p.center_momentum).add_(batch_center, alpha=1 - self.p.center_momentum)
         self._batch_sum.zero_()

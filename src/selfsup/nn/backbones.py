@@ -231,8 +231,8 @@ def _validated_spec(spec: dict, where: str) -> tuple[str, int, dict]:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name[len(TIMM_PREFIX):]):
             raise ValueError(f"{where}: {name!r} is not a timm model name")
         allowed = TIMM_ARCH_KWARGS
-    elif name in _registry():
-        allowed = _registry()[name][1]
+    elif name in (registry := _registry()):
+        allowed = registry[name][1]
     else:
         raise _unknown(f"backbone in {where}:", name, backbone_names() + [TIMM_PREFIX + "<model_name>"])
     refused = sorted(k for k in spec if k not in allowed)
