@@ -15,9 +15,9 @@ from test_train import _args
 from selfsup.cli import main
 from selfsup.config import Config, _set, build_config
 from selfsup.contract import Progress
-from selfsup.losses.distillation import dino_loss, dino_teacher_probs
+from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
 from selfsup.methods import get_method
-from selfsup.methods.dino import DINOParams
+from selfsup.methods.self_distillation.dino import DINOParams
 
 SMALL = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "views.n_local=2", "views.local_size=8",
          "optim.name=adamw", "optim.base_lr=1e-3", "optim.lr_rule=none", "optim.clip_grad=3.0", "eval.linear=false",

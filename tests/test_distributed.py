@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from selfsup.losses.contrastive import nt_xent
+from selfsup.losses.metric_learning import nt_xent
 
 TOL = 1e-5  # float64 throughout; differences come only from summation order
 

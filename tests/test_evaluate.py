@@ -12,7 +12,6 @@ from torch import nn
 
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify, knn_top1
-from selfsup.evaluate.plots import plot_training, read_metrics, smooth
 from selfsup.evaluate.probe import (
     OnlineLinearProbe,
     cosine_factor,
@@ -20,6 +19,7 @@ from selfsup.evaluate.probe import (
     stratified_split,
     train_linear_heads,
 )
+from selfsup.report.plots import plot_training, read_metrics, smooth
 
 
 def clusters(n, num_classes=4, dim=16, spread=0.05, seed=0):

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from selfsup.losses.contrastive import multi_view_nt_xent, nt_xent
-from selfsup.losses.distillation import byol_loss, renorm
+from selfsup.losses.metric_learning import multi_view_nt_xent, nt_xent
+from selfsup.losses.self_distillation import byol_loss, renorm
 from selfsup.nn.teacher import cosine_momentum, ema_update, make_teacher
 
 

@@ -10,9 +10,9 @@ from test_train import _args
 from selfsup.cli import main
 from selfsup.config import Config, _set
 from selfsup.contract import Progress
-from selfsup.losses.masked import mae_loss, patchify, unpatchify
+from selfsup.losses.masked_modeling import mae_loss, patchify, unpatchify
 from selfsup.methods import get_method
-from selfsup.methods.mae import MAEParams, sincos_pos_embed
+from selfsup.methods.masked_modeling.mae import MAEParams, sincos_pos_embed
 from selfsup.train import _step_seed
 
 SMALL = ["model.backbone=vit_tiny", "model.patch_size=4", "mae.decoder_dim=16", "mae.decoder_depth=1",

@@ -1,4 +1,4 @@
-"""The eval report (selfsup.evaluate.report), its 2-D map and its retrieval grid."""
+"""The eval report (selfsup.report.report), its 2-D map and its retrieval grid."""
 
 import base64
 import io
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.evaluate.compare import compare_summary, spearman, write_compare_report
-from selfsup.evaluate.embedding_map import embed_2d, plot_embedding_map, subset_indices
-from selfsup.evaluate.report import write_report
 from selfsup.evaluate.retrieval import DIFFERENT_COLOR, SAME_COLOR, nearest_neighbors, retrieval_grid
+from selfsup.report.compare import compare_summary, spearman, write_compare_report
+from selfsup.report.embedding_map import embed_2d, plot_embedding_map, subset_indices
+from selfsup.report.report import write_report
 
 ALL_SECTIONS = ("headline", "training", "guillotine", "spectra", "map", "retrieval", "details", "images", "raw")
 

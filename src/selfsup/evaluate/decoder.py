@@ -387,7 +387,7 @@ def sample_rmse(real_images: Tensor, samples: Tensor) -> float:
 def decoder_grid(real_images: Tensor, samples: Tensor, path: str | Path, title: str = "RCDM-style samples") -> Path:
     """Write one PNG: a row per conditioning image, the real image (left, "real") then its samples.
 
-    Uses matplotlib's object API (no pyplot global state), like :mod:`selfsup.evaluate.plots`.
+    Uses matplotlib's object API (no pyplot global state), like :mod:`selfsup.report.plots`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

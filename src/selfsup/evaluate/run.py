@@ -22,10 +22,10 @@ from selfsup.config import Config, EvalConfig
 from selfsup.data.datasets import ImageDataset, dataset_stats
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
-from selfsup.evaluate.plots import plot_training
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.names import did_you_mean
 from selfsup.nn.backbones import load_backbone
+from selfsup.report.plots import plot_training
 from selfsup.runs import flat_config, load_checkpoint, load_data
 from selfsup.runtime import autocast_dtype, save_json, select_device
 
@@ -274,7 +274,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """`selfsup compare`: one row per run from its eval.json (evaluated first, quickly, when it has none)."""
     import yaml
 
-    from selfsup.evaluate.compare import write_compare_report
+    from selfsup.report.compare import write_compare_report
 
     runs = [Path(r) for r in run_dirs]
     for r in runs:

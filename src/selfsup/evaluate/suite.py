@@ -258,7 +258,7 @@ def evaluate_model(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if opts.report:
-            from selfsup.evaluate.report import write_report
+            from selfsup.report.report import write_report
 
             t0 = time.perf_counter()
             write_report(out_dir, result, test_images=test_data.images if test_data is not None else None,

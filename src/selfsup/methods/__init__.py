@@ -1,7 +1,16 @@
-"""Methods, one small file each, registered by name. Importing this package registers all of them."""
+"""Methods, one small file each, in one sub-package per family of the cookbook (§2), registered by name.
 
-from selfsup.methods import byol, dino, mae, simclr  # noqa: F401  (registration side effect)
+Importing this package registers all of them:
+
+- ``metric_learning/``: deep metric learning (§2.2) — SimCLR
+- ``self_distillation/``: self-distillation (§2.3) — BYOL, DINO
+- ``masked_modeling/``: masked image modeling (§2.5) — MAE
+"""
+
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
+from selfsup.methods.masked_modeling import mae  # noqa: F401  (registration side effect)
+from selfsup.methods.metric_learning import simclr  # noqa: F401
+from selfsup.methods.self_distillation import byol, dino  # noqa: F401
 from selfsup.names import did_you_mean
 
 

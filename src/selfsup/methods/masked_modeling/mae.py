@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from selfsup.data.views import MultiView, RandomMaskViews, simclr_views
-from selfsup.losses.masked import mae_loss, patchify
+from selfsup.losses.masked_modeling import mae_loss, patchify
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
 from selfsup.nn.vit import Block, VisionTransformer

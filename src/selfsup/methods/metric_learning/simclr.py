@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfsup.losses.contrastive import multi_view_nt_xent
+from selfsup.losses.metric_learning import multi_view_nt_xent
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
 

@@ -7,11 +7,12 @@ headless machines.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from selfsup.report.html import is_number
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -31,26 +32,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _series(records: list[dict], key: str, x_key: str) -> tuple[list[float], list[float]]:
     """``(x, y)`` of the records holding a finite ``key``; x is ``x_key`` or the record's position if absent."""
     xs, ys = [], []
     for i, record in enumerate(records):
-        if _is_number(record.get(key)):
+        if is_number(record.get(key)):
             x = record.get(x_key)
-            xs.append(x if _is_number(x) else i)
+            xs.append(x if is_number(x) else i)
             ys.append(record[key])
     return xs, ys
 
 
 def _x_key(records: list[dict], keys: tuple[str, ...]) -> str:
     """ "step" when every record carrying one of ``keys`` has a step, else "epoch" when they all have one."""
-    relevant = [r for r in records if any(_is_number(r.get(k)) for k in keys)]
+    relevant = [r for r in records if any(is_number(r.get(k)) for k in keys)]
     for candidate in ("step", "epoch"):
-        if relevant and all(_is_number(r.get(candidate)) for r in relevant):
+        if relevant and all(is_number(r.get(candidate)) for r in relevant):
             return candidate
     return "step"
 

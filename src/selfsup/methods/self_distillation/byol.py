@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfsup.losses.distillation import byol_loss
+from selfsup.losses.self_distillation import byol_loss
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
 from selfsup.nn.heads import projector as mlp

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from selfsup import distributed as du
-from selfsup.losses.distillation import dino_loss, dino_teacher_probs
+from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_views
 from selfsup.nn.heads import DINOHead

@@ -14,21 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from selfsup.evaluate.report import (
-    DASH,
-    _e,
-    _figure,
-    _is_number,
-    _json_section,
-    _num,
-    _page,
-    _pct,
-    _save,
-    _section,
-    _short,
-    _table,
-    _write_html,
-)
+from selfsup.report import html as h
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:
@@ -61,15 +47,15 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float((rx * ry).sum() / denom) if denom > 0 else None
 
 
-def _hparams_text(h) -> str:
-    if isinstance(h, dict):
-        return ", ".join(f"{k}={_short(v)}" for k, v in h.items())
-    return "" if h is None else str(h)
+def _hparams_text(hparams) -> str:
+    if isinstance(hparams, dict):
+        return ", ".join(f"{k}={h.short(v)}" for k, v in hparams.items())
+    return "" if hparams is None else str(hparams)
 
 
 def _pick(rows: list[dict], key: str, score) -> dict | None:
     """The row with the highest ``score(row[key])`` among rows holding a number under ``key`` (first on ties)."""
-    candidates = [r for r in rows if _is_number(r.get(key))]
+    candidates = [r for r in rows if h.is_number(r.get(key))]
     return max(candidates, key=lambda r: score(r[key])) if candidates else None
 
 
@@ -81,15 +67,15 @@ def compare_summary(rows: list[dict]) -> dict:
     find good generalization in a band of alpha around 1; this rule is this module's reading of their paper).
     Cookbook Table 3 reports the same comparison on ImageNet. Ties go to the first row.
     """
-    acc_key = "linear_top1" if any(_is_number(r.get("linear_top1")) for r in rows) else "knn_top1"
-    both = [r for r in rows if _is_number(r.get("rankme")) and _is_number(r.get(acc_key))]
-    with_alpha = [r for r in rows if _is_number(r.get("alpha_req")) and _is_number(r.get(acc_key))]
+    acc_key = "linear_top1" if any(h.is_number(r.get("linear_top1")) for r in rows) else "knn_top1"
+    both = [r for r in rows if h.is_number(r.get("rankme")) and h.is_number(r.get(acc_key))]
+    with_alpha = [r for r in rows if h.is_number(r.get("alpha_req")) and h.is_number(r.get(acc_key))]
     oracle = _pick(rows, acc_key, lambda v: v)
     picks = {"oracle": oracle, "rankme": _pick(rows, "rankme", lambda v: v),
              "alpha_req": _pick(rows, "alpha_req", lambda v: -abs(v - 1.0))}
     lost = {}
     for name, row in picks.items():
-        if row is not None and oracle is not None and _is_number(row.get(acc_key)):
+        if row is not None and oracle is not None and h.is_number(row.get(acc_key)):
             lost[name] = oracle[acc_key] - row[acc_key]
     return {
         "accuracy_key": acc_key,
@@ -104,7 +90,7 @@ def compare_summary(rows: list[dict]) -> dict:
 
 def plot_rankme_vs_accuracy(rows: list[dict], acc_key: str, path: Path) -> Path | None:
     """Scatter of RankMe against accuracy, one labeled point per run."""
-    points = [r for r in rows if _is_number(r.get("rankme")) and _is_number(r.get(acc_key))]
+    points = [r for r in rows if h.is_number(r.get("rankme")) and h.is_number(r.get(acc_key))]
     if not points:
         return None
     fig = Figure(figsize=(7.0, 4.6), dpi=100)
@@ -119,20 +105,20 @@ def plot_rankme_vs_accuracy(rows: list[dict], acc_key: str, path: Path) -> Path 
     ax.margins(x=0.2, y=0.12)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return h.save_png(fig, path)
 
 
 def _ranked_table(rows: list[dict], key: str, acc_key: str, title: str) -> str:
-    ranked = sorted([r for r in rows if _is_number(r.get(key))], key=lambda r: -r[key])
+    ranked = sorted([r for r in rows if h.is_number(r.get(key))], key=lambda r: -r[key])
     other = "rankme" if key != "rankme" else acc_key
     cells = []
     for i, r in enumerate(ranked, 1):
-        fmt_key = _num(r[key], 1) if key == "rankme" else _pct(r[key])
-        fmt_other = _num(r.get(other), 1) if other == "rankme" else _pct(r.get(other))
-        cells.append([(str(i), "num"), (_e(r.get("name", "?")), ""), (fmt_key, "num"), (fmt_other, "num")])
+        fmt_key = h.num(r[key], 1) if key == "rankme" else h.pct(r[key])
+        fmt_other = h.num(r.get(other), 1) if other == "rankme" else h.pct(r.get(other))
+        cells.append([(str(i), "num"), (h.esc(r.get("name", "?")), ""), (fmt_key, "num"), (fmt_other, "num")])
     label = {"rankme": "RankMe", "linear_top1": "Linear top-1", "knn_top1": "kNN top-1"}
-    headers = [("#", "num"), ("run", ""), (_e(label[key]), "num"), (_e(label[other]), "num")]
-    return f"<div><h3>{_e(title)}</h3>{_table(headers, cells)}</div>"
+    headers = [("#", "num"), ("run", ""), (h.esc(label[key]), "num"), (h.esc(label[other]), "num")]
+    return f"<div><h3>{h.esc(title)}</h3>{h.table(headers, cells)}</div>"
 
 
 def write_compare_report(out_dir: str | Path, rows: list[dict]) -> Path:
@@ -154,11 +140,11 @@ def write_compare_report(out_dir: str | Path, rows: list[dict]) -> Path:
     acc_key = summary["accuracy_key"]
     acc_label = "linear top-1" if acc_key == "linear_top1" else "kNN top-1"
 
-    runs = _table([("run", ""), ("hyper-parameters", ""), ("RankMe", "num"), ("α-ReQ", "num"),
+    runs = h.table([("run", ""), ("hyper-parameters", ""), ("RankMe", "num"), ("α-ReQ", "num"),
                    ("kNN top-1", "num"), ("Linear top-1", "num")],
-                  [[(_e(r["name"]), ""), (f'<span class="muted">{_e(_hparams_text(r.get("hparams")))}</span>', ""),
-                    (_num(r.get("rankme"), 1), "num"), (_num(r.get("alpha_req")), "num"),
-                    (_pct(r.get("knn_top1")), "num"), (_pct(r.get("linear_top1")), "num")] for r in rows])
+                  [[(h.esc(r["name"]), ""), (f'<span class="muted">{h.esc(_hparams_text(r.get("hparams")))}</span>', ""),
+                    (h.num(r.get("rankme"), 1), "num"), (h.num(r.get("alpha_req")), "num"),
+                    (h.pct(r.get("knn_top1")), "num"), (h.pct(r.get("linear_top1")), "num")] for r in rows])
     side = ('<div class="side">' + _ranked_table(rows, "rankme", acc_key, "Ranked by RankMe (no labels)")
             + _ranked_table(rows, acc_key, acc_key, f"Ranked by {acc_label} (labels)") + "</div>")
 
@@ -166,7 +152,7 @@ def write_compare_report(out_dir: str | Path, rows: list[dict]) -> Path:
         return (f"<b>{value:.2f}</b> over {n} runs" if value is not None
                 else f"undefined ({n} runs with both numbers; needs 2 or more with different values)")
 
-    corr = (f"<p>Spearman rank correlation with {_e(acc_label)}: RankMe {rho(summary['spearman_rankme'], summary['n_rankme'])}"
+    corr = (f"<p>Spearman rank correlation with {h.esc(acc_label)}: RankMe {rho(summary['spearman_rankme'], summary['n_rankme'])}"
             f"; α-ReQ {rho(summary['spearman_alpha_req'], summary['n_alpha_req'])}.</p>")
     by_name = {r["name"]: r for r in rows}
     criteria = (("oracle", f"highest {acc_label} (needs labels)"), ("rankme", "highest RankMe"),
@@ -175,18 +161,18 @@ def write_compare_report(out_dir: str | Path, rows: list[dict]) -> Path:
     for key, text in criteria:
         name = summary["picks"][key]
         lost = summary["accuracy_lost"].get(key)
-        pick_rows.append([(_e(text), ""), (_e(name) if name is not None else DASH, ""),
-                          (_pct(by_name[name].get(acc_key)) if name is not None else DASH, "num"),
-                          (f"{lost:.2f} pts" if _is_number(lost) else DASH, "num")])
-    picks = "<h3>Which run each criterion picks</h3>" + _table(
-        [("criterion", ""), ("picks", ""), (_e(acc_label), "num"), ("accuracy lost vs labels", "num")], pick_rows)
+        pick_rows.append([(h.esc(text), ""), (h.esc(name) if name is not None else h.DASH, ""),
+                          (h.pct(by_name[name].get(acc_key)) if name is not None else h.DASH, "num"),
+                          (f"{lost:.2f} pts" if h.is_number(lost) else h.DASH, "num")])
+    picks = "<h3>Which run each criterion picks</h3>" + h.table(
+        [("criterion", ""), ("picks", ""), (h.esc(acc_label), "num"), ("accuracy lost vs labels", "num")], pick_rows)
     note = ('<p class="note">RankMe needs no labels and no training; Garrido et al. (2023) show that picking '
             "hyper-parameters by highest RankMe recovers most of the accuracy of picking them on a labeled "
             "validation set (cookbook §3.7.2, Table 3). It compares runs of one method, not different methods.</p>")
-    sections = [_section("runs", "Runs", runs), _section("ranking", "Rankings", side + corr + picks + note)]
+    sections = [h.section("runs", "Runs", runs), h.section("ranking", "Rankings", side + corr + picks + note)]
     scatter = plot_rankme_vs_accuracy(rows, acc_key, out / "compare_scatter.png")
     if scatter is not None:
-        sections.append(_section("scatter", "RankMe vs accuracy", _figure(scatter, "RankMe vs accuracy", width=700)))
-    sections.append(_json_section({"runs": rows, "summary": summary}, "compare data"))
-    footer = _e("Written by selfsup.evaluate.report. Self-contained: images are embedded, no network access needed.")
-    return _write_html(out / "compare.html", _page(f"selfsup compare: {len(rows)} runs", "", sections, footer))
+        sections.append(h.section("scatter", "RankMe vs accuracy", h.figure(scatter, "RankMe vs accuracy", width=700)))
+    sections.append(h.json_section({"runs": rows, "summary": summary}, "compare data"))
+    footer = h.esc("Written by selfsup.report.report. Self-contained: images are embedded, no network access needed.")
+    return h.write_html(out / "compare.html", h.page(f"selfsup compare: {len(rows)} runs", "", sections, footer))

@@ -1,0 +1,6 @@
+"""Self-distillation losses (cookbook §2.3): a student predicts the output of a teacher made from itself."""
+
+from selfsup.losses.self_distillation.byol import byol_loss, renorm
+from selfsup.losses.self_distillation.dino import dino_loss, dino_teacher_probs
+
+__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "renorm"]
