@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from selfsup.config import build_config  # noqa: E402
 from selfsup.contract import Progress  # noqa: E402
-from selfsup.data.datasets import dataset_stats, load_dataset  # noqa: E402
+from selfsup.data.datasets import describe_data, load_dataset  # noqa: E402
 from selfsup.methods import get_method  # noqa: E402
 from selfsup.optim import build_optimizer  # noqa: E402
 from selfsup.runtime import autocast, autocast_dtype, cpu_model, select_device, tune_malloc  # noqa: E402
@@ -33,10 +33,8 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
     device = select_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)
     data = load_dataset(cfg.data.name, cfg.data.train_split, root=cfg.data.root)
-    C = data.image_shape[0]
-    mean, std = dataset_stats(cfg.data.name, channels=C)
     torch.manual_seed(0)
-    raw = entry.build(cfg, C, mean, std).to(device).train()
+    raw = entry.build(cfg, describe_data(data, cfg.data.name)).to(device).train()
     opt = build_optimizer(cfg.optim.name, raw, 0.01, cfg.optim.weight_decay, cfg.optim.momentum)
     gen = torch.Generator(device=device).manual_seed(0)
     x = data.images[: cfg.batch_size]

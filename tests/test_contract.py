@@ -12,9 +12,11 @@ from selfsup.config import Config, _set
 from selfsup.contract import Method, Progress, Views
 from selfsup.data.datasets import from_arrays
 from selfsup.data.masking import random_mask
+from selfsup.data.types import DataInfo
 from selfsup.data.views import simclr_views
 from selfsup.methods.base import REGISTRY, MethodEntry, forward_views
 from selfsup.nn.backbones import build_backbone
+from selfsup.pipeline import pretrain
 from selfsup.train import train
 
 
@@ -76,8 +78,8 @@ class Toy(Method):
         return {"center_norm": float(self.center.norm())}
 
 
-def _build(cfg, in_chans, mean, std):
-    views = simclr_views(16, mean, std, channels=in_chans)
+def _build(cfg, data):
+    views = simclr_views(16, data.mean, data.std, channels=data.channels)
     return Toy(MaskedViews(views, 16, cfg.params.mask_ratio))
 
 
@@ -104,7 +106,7 @@ def _data():
 
 
 def test_a_method_with_masks_schedule_hooks_and_a_buffer_runs_under_the_trainer(toy, tmp_path):
-    summary = train(_config(tmp_path / "run"), *_data())
+    summary = pretrain(_config(tmp_path / "run"), *_data())
     steps = 2 * (96 // 32)
     assert summary["steps"] == steps
     forwards = [p for where, p, _ in toy.log if where == "forward"]
@@ -129,24 +131,24 @@ def test_a_method_with_masks_schedule_hooks_and_a_buffer_runs_under_the_trainer(
 
 def test_the_pre_step_hook_freezes_the_last_layer_during_epoch_0_only(toy, tmp_path):
     run = tmp_path / "run"
-    train(_config(run, **{"train.max_steps": 3}), *_data())  # exactly epoch 0
+    pretrain(_config(run, **{"train.max_steps": 3}), *_data())  # exactly epoch 0
     init = torch.load(run / "checkpoints/last.pt", weights_only=True)["method"]
     torch.manual_seed(3)  # the trainer seeds before building: same initial weights
-    toy_init = _build(_config(run), 1, (0.5,), (0.5,))
+    toy_init = _build(_config(run), DataInfo("image", (1, 16, 16), (0.5,), (0.5,)))
     frozen, moved = "projector.2.weight", "projector.0.weight"
     assert torch.equal(init[frozen], toy_init.state_dict()[frozen])
     assert not torch.equal(init[moved], toy_init.state_dict()[moved])
-    train(_config(run, **{"resume": "auto"}), *_data())  # epoch 1: it trains
+    pretrain(_config(run, **{"resume": "auto"}), *_data())  # epoch 1: it trains
     after = torch.load(run / "checkpoints/last.pt", weights_only=True)["method"]
     assert not torch.equal(after[frozen], init[frozen])
 
 
 def test_masks_and_buffers_are_reproduced_on_resume(toy, tmp_path):
-    train(_config(tmp_path / "a"), *_data())
+    pretrain(_config(tmp_path / "a"), *_data())
     straight = [m for where, _, m in toy.log if where == "forward"]
     Toy.log = []
-    train(_config(tmp_path / "b", **{"train.max_steps": 4}), *_data())
-    train(_config(tmp_path / "b", **{"resume": "auto"}), *_data())
+    pretrain(_config(tmp_path / "b", **{"train.max_steps": 4}), *_data())
+    pretrain(_config(tmp_path / "b", **{"resume": "auto"}), *_data())
     resumed = [m for where, _, m in toy.log if where == "forward"]
     assert len(resumed) == len(straight) and all(torch.equal(a, b) for a, b in zip(straight, resumed))
     a = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["method"]
@@ -157,7 +159,7 @@ def test_masks_and_buffers_are_reproduced_on_resume(toy, tmp_path):
 def test_gradient_clipping_is_a_trainer_option(toy, tmp_path):
     import json
 
-    train(_config(tmp_path / "run", **{"optim.clip_grad": 1e-3, "train.log_every": 1}), *_data())
+    pretrain(_config(tmp_path / "run", **{"optim.clip_grad": 1e-3, "train.log_every": 1}), *_data())
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in records if "grad_norm" in r]
     assert len(norms) == 6 and all(n > 1e-3 for n in norms)  # the norm before clipping is logged
@@ -173,3 +175,40 @@ def test_views_read_as_their_crops_and_check_n_global():
         Views([a], n_global=2)
     p = Progress(7, 20, 3)
     assert p.epoch == 2 and p.fraction == pytest.approx(0.35) and p.after().step == 8
+
+
+def test_the_trainer_takes_a_built_method_it_never_looked_up(tmp_path):
+    """No registry entry: the trainer gets the module itself and trains it (it imports nothing from methods/)."""
+    x, y = synthetic_classes(96, 0)
+    data = from_arrays(x, y, name="toy/train")
+    info = DataInfo("image", data.image_shape, (0.5,), (0.5,), 2, "toy")
+    cfg = _config(tmp_path / "run", method="not-registered")
+    torch.manual_seed(0)
+    toy = Toy(MaskedViews(simclr_views(16, info.mean, info.std, channels=1), 16, 0.5))
+    before = toy.projector[0].weight.detach().clone()
+    trained = train(cfg, toy, data, data=info)
+    assert trained.summary["steps"] == 6 and not torch.equal(before, toy.projector[0].weight)
+    assert (tmp_path / "run/backbone.safetensors").exists() and not (tmp_path / "run/eval.json").exists()
+
+
+def test_no_import_cycles_and_the_trainer_imports_no_method():
+    """Every module imports on its own in a fresh interpreter state (a cycle fails in some import order), and
+    importing the trainer loads nothing from selfsup.methods."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, pkgutil, sys
+import selfsup
+names = sorted(m.name for m in pkgutil.walk_packages(selfsup.__path__, "selfsup.") if m.name != "selfsup.__main__")
+for name in names:
+    for loaded in [m for m in sys.modules if m == "selfsup" or m.startswith("selfsup.")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+    if name == "selfsup.train":
+        assert not [m for m in sys.modules if m.startswith("selfsup.methods")], "selfsup.train imports methods"
+print(len(names))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 40

@@ -15,6 +15,7 @@ from test_train import _args
 from selfsup.cli import main
 from selfsup.config import Config, _set, build_config
 from selfsup.contract import Progress
+from selfsup.data.types import DataInfo
 from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
 from selfsup.methods import get_method
 from selfsup.methods.self_distillation.dino import DINOParams
@@ -52,7 +53,7 @@ def _dino(seed=0, **params):
                  "views.local_size": 4}.items():
         _set(cfg, k, v)
     torch.manual_seed(seed)
-    m = get_method("dino").build(cfg, 1, (0.5,), (0.5,))
+    m = get_method("dino").build(cfg, DataInfo("image", (1, 8, 8), (0.5,), (0.5,)))
     # a 1-block ViT is enough here
     for net in (m.encoder, m.teacher_encoder):
         net.blocks = net.blocks[:1]
@@ -121,7 +122,7 @@ def test_last_layer_frozen_in_epoch_one_and_resume_is_exact(tiny_fmnist, tmp_pat
     assert main(_args("dino", tiny_fmnist, b, *SMALL, "train.max_steps=4")) == 0  # epoch 1 = 4 steps
     cfg = build_config("dino", _args("dino", tiny_fmnist, b, *SMALL)[2:], params_cls=DINOParams)
     torch.manual_seed(cfg.seed)
-    fresh = get_method("dino").build(cfg, 1, (0.2860,), (0.3530,))
+    fresh = get_method("dino").build(cfg, DataInfo("image", (1, 28, 28), (0.2860,), (0.3530,)))
     assert torch.equal(_proto(b), fresh.head.prototypes.detach())  # unchanged through epoch 1 ...
     state = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
     assert not torch.equal(state["head.mlp.0.weight"], fresh.head.mlp[0].weight.detach())  # ... the rest trained

@@ -10,6 +10,7 @@ from test_train import _args
 from selfsup.cli import main
 from selfsup.config import Config, _set
 from selfsup.contract import Progress
+from selfsup.data.types import DataInfo
 from selfsup.losses.masked_modeling import mae_loss, patchify, unpatchify
 from selfsup.methods import get_method
 from selfsup.methods.masked_modeling.mae import MAEParams, sincos_pos_embed
@@ -26,7 +27,7 @@ def _mae(size=28, channels=1, **params):
     for k, v in {"model.backbone": "vit_tiny", "model.patch_size": 4, "views.size": size}.items():
         _set(cfg, k, v)
     torch.manual_seed(0)
-    m = get_method("mae").build(cfg, channels, (0.5,) * channels, (0.25,) * channels)
+    m = get_method("mae").build(cfg, DataInfo("image", (channels, size, size), (0.5,) * channels, (0.25,) * channels))
     m.encoder.blocks = m.encoder.blocks[:2]
     return m
 

@@ -97,14 +97,14 @@ def test_resume_of_a_byol_run_as_simclr_is_refused(stopped_run, capsys):
     assert "is a 'simclr' run" in capsys.readouterr().err
 
 
-def test_python_train_refuses_a_config_that_does_not_match_the_checkpoint(stopped_run, tiny_fmnist):
+def test_python_pretrain_refuses_a_config_that_does_not_match_the_checkpoint(stopped_run, tiny_fmnist):
     from selfsup.methods import get_method
-    from selfsup.train import train
+    from selfsup.pipeline import pretrain
 
     cfg = build_config("simclr", [a for a in _args("simclr", tiny_fmnist, stopped_run, *FAST)[2:]] +
                        ["batch_size=32", "optim.name=adamw", "resume=auto"], params_cls=get_method("simclr").params_cls)
     with pytest.raises(ConfigError, match="batch_size"):
-        train(cfg)
+        pretrain(cfg)
 
 
 # ------------------------------------------------------------------------------------------- unsafe checkpoints

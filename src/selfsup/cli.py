@@ -58,12 +58,13 @@ def cmd_train(args) -> int:
     except KeyError as e:
         print(f"selfsup: {e.args[0]}", file=sys.stderr)
         return 2
-    from selfsup.runs import CheckpointError, resume_config
+    from selfsup.runs import CheckpointError, open_resume
 
+    state = None
     try:
         resuming = any(k == "resume" and v is not None for k, v in map(parse_override, args.overrides))
-        if resuming:  # the run's own saved config is the base, not today's recipe
-            cfg = resume_config(args.method, args.overrides)
+        if resuming:  # the run's own saved config is the base, not today's recipe; its checkpoint is read once
+            cfg, state = open_resume(args.method, args.overrides)
         else:
             cfg = build_config(args.method, args.overrides, params_cls=entry.params_cls)
     except ConfigError as e:
@@ -76,10 +77,10 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from selfsup.data.datasets import DataError
-    from selfsup.train import train
+    from selfsup.pipeline import pretrain
 
     try:
-        train(cfg)
+        pretrain(cfg, state=state)
     except DataError as e:
         print(f"selfsup: data error: {e}", file=sys.stderr)
         return 1
@@ -97,7 +98,8 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from selfsup.data.datasets import DataError
-    from selfsup.evaluate.run import evaluate_backbone, evaluate_run, load_run_config
+    from selfsup.evaluate.run import evaluate_backbone, evaluate_run
+    from selfsup.runs import load_run_config
 
     target = Path(args.run_dir)
     try:

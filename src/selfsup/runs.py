@@ -1,7 +1,9 @@
-"""A run directory as files: its saved config, its checkpoint, and what resuming it may change.
+"""A run as files, and loading it: its saved config, its data, its method, its checkpoint, and what resuming it
+may change.
 
 Training (`resume=`), `selfsup eval RUN_DIR` and `selfsup compare` read runs through these functions, so a run is
-always rebuilt from what it saved, never from today's recipe defaults.
+always rebuilt from what it saved, never from today's recipe defaults. This is the one module that builds a method
+by name (:func:`build_method`); the trainer receives it built.
 
 Resuming continues the run that was started: the saved config is the base. Overrides that would change what is
 trained (method, recipe, model, data, batch, optimizer, views, seed, precision, ...) are refused with the reason;
@@ -21,6 +23,7 @@ import yaml
 
 from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
 from selfsup.data.datasets import ImageDataset, load_dataset
+from selfsup.data.types import DataInfo
 
 CHECKPOINT = "checkpoints/last.pt"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
@@ -125,7 +128,13 @@ def refused_changes(changes: dict[str, tuple]) -> list[str]:
 
 
 def resume_config(method: str, overrides: list[str]) -> Config:
-    """The config that continues a run: its saved config, then the overrides a resume may change.
+    """The config that continues a run (see :func:`open_resume`, which also returns its checkpoint)."""
+    return open_resume(method, overrides)[0]
+
+
+def open_resume(method: str, overrides: list[str]) -> tuple[Config, dict | None]:
+    """The config that continues a run (its saved config, then the overrides a resume may change) and the
+    checkpoint it continues from (None when the run stopped before its first one), read once.
 
     ``overrides`` hold ``resume=auto`` (with ``out=RUN_DIR``) or ``resume=PATH`` (a checkpoint; the run directory is
     ``out`` or the checkpoint's run). The trainer prints the changes when it loads the checkpoint. Raises
@@ -145,8 +154,10 @@ def resume_config(method: str, overrides: list[str]) -> Config:
             raise ConfigError(f"resume={resume}: no such checkpoint file (use resume=auto out=RUN_DIR to continue "
                               "a run from its last checkpoint)")
         run_dir = Path(str(values["out"])).expanduser() if values.get("out") is not None else ckpt.parent.parent
+    state = None
     if ckpt.is_file():
-        saved, source = load_checkpoint(ckpt)["config"], ckpt
+        state = load_checkpoint(ckpt)
+        saved, source = state["config"], ckpt
     elif (run_dir / "config.yaml").is_file():  # started, stopped before its first checkpoint: step 0 of that run
         saved, source = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, run_dir / "config.yaml"
     else:
@@ -175,7 +186,87 @@ def resume_config(method: str, overrides: list[str]) -> Config:
                           "batch, optimizer, views and seed; it may change epochs (more), eval.*, train.num_threads, "
                           "train.max_steps, logging and checkpoint intervals, train.device and data.root. To train "
                           "with other settings, start a new run with another out=DIR.")
+    if state is not None:
+        _record_changes(state, changes)
+    return cfg, state
+
+
+def _record_changes(state: dict, changes: dict[str, tuple]) -> None:
+    """Print what a resume changes and keep it in the state (the trainer writes it into the run's segments)."""
+    for key, (old, new) in changes.items():
+        print(f"selfsup: resume changes {key}: {old!r} -> {new!r}", flush=True)
+    state["changes"] = {k: list(c) for k, c in changes.items()}
+
+
+def resume_state(cfg: Config) -> dict | None:
+    """The checkpoint ``cfg.resume`` names (None: start at step 0), after checking that ``cfg`` continues that run.
+
+    For Python callers that set ``resume=`` on a config themselves; the CLI uses :func:`open_resume`, which reads the
+    checkpoint once for both the config and the state.
+    """
+    if cfg.resume is None:
+        return None
+    run_dir = Path(cfg.out or ".")
+    path = run_dir / CHECKPOINT if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    if not path.exists():
+        if cfg.resume == "auto" and (run_dir / "config.yaml").exists():
+            print(f"selfsup: {run_dir} stopped before its first checkpoint: training it from step 0", flush=True)
+            return None
+        where = f"{run_dir} holds no run to resume (no {CHECKPOINT})" if cfg.resume == "auto" else \
+            f"resume={cfg.resume}: no such checkpoint"
+        raise ConfigError(f"{where}; drop resume= to start a new run")
+    state = load_checkpoint(path)
+    saved = config_from_saved(state["config"]).to_dict()  # keys added since the run started take their defaults
+    changes = {k: c for k, c in config_changes(saved, cfg.to_dict()).items() if k not in ("resume", "out")}
+    refused = refused_changes(changes)
+    if refused:
+        raise ConfigError(f"resuming {path} with this config would train a different run: " + "; ".join(refused) +
+                          ". Build the config with selfsup.runs.resume_config, or start a new run.")
+    _record_changes(state, changes)
+    return state
+
+
+def build_method(cfg: Config, data: DataInfo):
+    """The method ``cfg.method`` names, built from the data's description (weights initialized from ``cfg.seed``)."""
+    from selfsup.methods import get_method
+
+    try:
+        entry = get_method(cfg.method)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    torch.manual_seed(cfg.seed)
+    return entry.build(cfg, data)
+
+
+def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """The run's saved config (``config.yaml``), then ``overrides`` (evaluation options, device, data.root)."""
+    cfg = read_run_config(run_dir)
+    for o in overrides or []:
+        _set(cfg, *parse_override(o))
     return cfg
+
+
+def load_run_method(run_dir: str | os.PathLike, cfg: Config, data: DataInfo):
+    """The whole SSL method (encoder, heads, view maker) from ``checkpoints/last.pt``, or None without one."""
+    ckpt = Path(run_dir) / CHECKPOINT
+    if not ckpt.exists():
+        return None
+    method = build_method(cfg, data)
+    method.load_state_dict(load_checkpoint(ckpt)["method"])
+    return method.eval()
+
+
+def load_run_encoder(run_dir: str | os.PathLike, cfg: Config, data: DataInfo, device):
+    """The exported backbone when there is one, else the encoder inside the last checkpoint."""
+    from selfsup.nn.backbones import load_backbone
+
+    run_dir = Path(run_dir)
+    if (run_dir / "backbone.safetensors").exists():
+        return load_backbone(run_dir, raw=True).to(device)
+    method = load_run_method(run_dir, cfg, data)
+    if method is None:
+        raise FileNotFoundError(f"{run_dir} has neither backbone.safetensors nor {CHECKPOINT} to evaluate")
+    return method.exports()["backbone"].to(device).eval()
 
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:

@@ -15,29 +15,23 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import distributed as du
-from selfsup.config import Config, ConfigError
-from selfsup.contract import Progress
-from selfsup.data.datasets import ImageDataset, dataset_stats
+from selfsup.config import Config
+from selfsup.contract import Method, Progress
+from selfsup.data.datasets import ImageDataset
+from selfsup.data.types import DataInfo
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
-from selfsup.methods import get_method
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from selfsup.runs import (
-    CHECKPOINT,
-    config_changes,
-    config_from_saved,
-    load_checkpoint,
-    load_data,
-    refused_changes,
-)
+from selfsup.runs import CHECKPOINT
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
 
 _OTHER_STREAM = 0x2545F491  # XORed into the step seed for the global RNG (dropout, drop-path): not the views' stream
@@ -105,38 +99,6 @@ def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def _resume_state(cfg: Config, run_dir: Path, ckpt_path: Path) -> dict | None:
-    """The checkpoint to continue from (None: start at step 0), after checking that `cfg` continues that run.
-
-    The CLI builds a resumed config from the run's own (`selfsup.runs.resume_config`); this check also holds for
-    Python callers of `train(cfg)`.
-    """
-    if cfg.resume is None:
-        if ckpt_path.exists():
-            raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
-                                  f"resume=auto out={run_dir}, or choose another out=DIR.")
-        return None
-    path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume).expanduser()
-    if not path.exists():
-        if cfg.resume == "auto" and (run_dir / "config.yaml").exists():
-            print(f"selfsup: {run_dir} stopped before its first checkpoint: training it from step 0", flush=True)
-            return None
-        where = f"{run_dir} holds no run to resume (no {CHECKPOINT})" if cfg.resume == "auto" else \
-            f"resume={cfg.resume}: no such checkpoint"
-        raise ConfigError(f"{where}; drop resume= to start a new run")
-    state = load_checkpoint(path)
-    saved = config_from_saved(state["config"]).to_dict()  # keys added since the run started take their defaults
-    changes = {k: c for k, c in config_changes(saved, cfg.to_dict()).items() if k not in ("resume", "out")}
-    refused = refused_changes(changes)
-    if refused:
-        raise ConfigError(f"resuming {path} with this config would train a different run: " + "; ".join(refused) +
-                          ". Build the config with selfsup.runs.resume_config, or start a new run.")
-    for key, (old, new) in changes.items():
-        print(f"selfsup: resume changes {key}: {old!r} -> {new!r}", flush=True)
-    state["changes"] = {k: list(c) for k, c in changes.items()}
-    return state
-
-
 def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool,
                progress: Progress, clip_grad: float = 0.0):
     """One optimizer step on this process's uint8 images `x` (labels `y` or None), in `accum` micro-batches.
@@ -168,13 +130,24 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
     return loss_sum, extra, probe_logs
 
 
-def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageDataset | None = None) -> dict:
-    """Train `cfg.method` and evaluate it; returns the summary written to `summary.json`.
+@dataclass
+class Trained:
+    """What training leaves for evaluation: the run's summary, the online probe, the device it ran on."""
 
-    `train_data`/`test_data` let Python users pass in-memory datasets (`selfsup.data.from_arrays`) instead of
-    `cfg.data`.
+    summary: dict
+    probe: OnlineLinearProbe | None
+    device: torch.device
+
+
+def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: ImageDataset | None = None, *,
+          data: DataInfo, state: dict | None = None) -> Trained:
+    """Train a built ``method`` on ``train_data`` under ``cfg`` (optimizer, schedule, steps, logging, checkpoints).
+
+    The trainer knows the method only through :mod:`selfsup.contract`; :func:`selfsup.pipeline.pretrain` builds it
+    from ``data`` (the :class:`DataInfo` it was built from, whose normalization the export records) and evaluates it
+    afterwards. ``state``: a checkpoint to continue from (:func:`selfsup.runs.resume_state`). On every process but
+    rank 0 the summary is empty.
     """
-    t_start = time.time()
     device = select_device(cfg.train.device)
     dist = du.init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
@@ -189,11 +162,9 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     run_dir = Path(cfg.out)
     say = print if dist.is_main else (lambda *a, **k: None)
 
-    if train_data is None:
-        train_data, test_data = load_data(cfg)
     labels = train_data.labels
     C, H, W = train_data.image_shape
-    mean, std = dataset_stats(cfg.data.name, channels=C)
+    mean, std = data.mean, data.std
 
     world, accum = dist.world_size, cfg.train.accumulate
     if cfg.batch_size % (world * accum):
@@ -207,10 +178,10 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
 
     ckpt_path = run_dir / CHECKPOINT
-    state = _resume_state(cfg, run_dir, ckpt_path)
-    torch.manual_seed(cfg.seed)
-    entry = get_method(cfg.method)
-    raw = entry.build(cfg, C, mean, std).to(device)
+    if state is None and ckpt_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
+                              f"resume=auto out={run_dir}, or choose another out=DIR.")
+    raw = method.to(device)
     amp = autocast_dtype(cfg.train.precision, device)
     channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
     if channels_last:
@@ -353,7 +324,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
                                               "mean": list(mean), "std": list(std)})
     du.barrier()
     if not dist.is_main:
-        return {}
+        return Trained({}, probe, device)
     # every session of the run counts (time after a run's last checkpoint before a kill is not recorded anywhere)
     total_images, total_step_seconds = sum(s["images"] for s in segments), sum(s["step_seconds"] for s in segments)
     summary = {"method": cfg.method, "recipe": cfg.recipe, "dataset": train_data.name, "epochs": cfg.epochs,
@@ -364,12 +335,7 @@ def train(cfg: Config, train_data: ImageDataset | None = None, test_data: ImageD
                "device": str(device), "cpu": cpu_model(), "processes": world, "precision": str(amp or "fp32"),
                "skipped_files": len(train_data.skipped), "torch": torch.__version__}
     save_json(run_dir / "summary.json", summary)
-    from selfsup.evaluate.run import evaluate_run
-
-    summary = evaluate_run(run_dir, cfg, train_data, test_data, method=raw, device=device, probe=probe)
-    summary["total_seconds"] = round(time.time() - t_start, 1)
-    save_json(run_dir / "summary.json", summary)
-    return summary
+    return Trained(summary, probe, device)
 
 
 def _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg) -> float:

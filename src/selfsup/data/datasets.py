@@ -38,7 +38,7 @@ from selfsup.data.folder import load_folder
 from selfsup.data.formats import _cifar_has, _cifar_read, _idx_has, _idx_read, _stl_has, _stl_read
 from selfsup.data.formats import read_idx as read_idx
 from selfsup.data.formats import read_stl_images as read_stl_images
-from selfsup.data.types import DataError, ImageDataset, _numpy_to_tensor
+from selfsup.data.types import DataError, DataInfo, ImageDataset, _numpy_to_tensor
 from selfsup.names import did_you_mean
 
 # ----------------------------------------------------------------------------------------------- from_arrays
@@ -225,6 +225,14 @@ def dataset_stats(name: str, channels: int | None = None) -> tuple[tuple[float, 
     if info.name == "folder" and channels == 1:
         return (0.5,), (0.5,)
     return info.mean, info.std
+
+
+def describe_data(data: ImageDataset, stats_name: str) -> DataInfo:
+    """The :class:`DataInfo` a method is built from: sample shape, normalization (``dataset_stats(stats_name)``;
+    ``stats_name`` is the config's ``data.name``) and number of classes."""
+    C = data.image_shape[0]
+    mean, std = dataset_stats(stats_name, channels=C)
+    return DataInfo("image", data.image_shape, tuple(mean), tuple(std), data.num_classes, data.name)
 
 
 

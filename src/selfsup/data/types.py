@@ -14,6 +14,35 @@ import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method is built from: a description of the data, not the data (method contract v2).
+
+    ``modality``: "image" today ("tabular", "audio", "text", "paired" as they come); ``shape``: one sample, (C, H, W)
+    for images; ``mean``/``std``: the per-channel normalization of inputs scaled to [0, 1]; ``num_classes``: None
+    without labels; ``name``: the dataset's name (for messages and records).
+    """
+
+    modality: str
+    shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.modality == "image":
+            if len(self.shape) != 3:
+                raise ValueError(f"an image DataInfo needs shape (C, H, W); got {self.shape}")
+            if not len(self.mean) == len(self.std) == self.shape[0]:
+                raise ValueError(f"mean {self.mean} and std {self.std} need one value per channel "
+                                 f"({self.shape[0]})")
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+
 class DataError(RuntimeError):
     """The data is missing, corrupt or unusable; the message names the path and says how to fix it."""
 

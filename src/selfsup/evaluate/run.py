@@ -19,54 +19,17 @@ import torch
 from torch import nn
 
 from selfsup.config import Config, EvalConfig
-from selfsup.data.datasets import ImageDataset, dataset_stats
+from selfsup.data.datasets import ImageDataset, dataset_stats, describe_data
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.names import did_you_mean
 from selfsup.nn.backbones import load_backbone
 from selfsup.report.plots import plot_training
-from selfsup.runs import flat_config, load_checkpoint, load_data
+from selfsup.runs import flat_config, load_data, load_run_config, load_run_encoder, load_run_method
 from selfsup.runtime import autocast_dtype, save_json, select_device
 
 HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top1_init")
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The run's saved config (``config.yaml``), then ``overrides`` (evaluation options, device, data.root)."""
-    from selfsup.config import _set, parse_override
-    from selfsup.runs import read_run_config
-
-    cfg = read_run_config(run_dir)
-    for o in overrides or []:
-        _set(cfg, *parse_override(o))
-    return cfg
-
-
-def load_run_method(run_dir: Path, cfg: Config, in_chans: int) -> nn.Module | None:
-    """The whole SSL method (encoder, projector, view maker) from ``checkpoints/last.pt``, or None without one."""
-    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
-    if not ckpt.exists():
-        return None
-    from selfsup.methods import get_method
-
-    mean, std = dataset_stats(cfg.data.name, channels=in_chans)
-    method = get_method(cfg.method).build(cfg, in_chans, mean, std)
-    method.load_state_dict(load_checkpoint(ckpt)["method"])
-    return method.eval()
-
-
-def load_run_encoder(run_dir: Path, cfg: Config, in_chans: int, device) -> nn.Module:
-    """The exported backbone when there is one, else the encoder inside the last checkpoint."""
-    run_dir = Path(run_dir)
-    if (run_dir / "backbone.safetensors").exists():
-        return load_backbone(run_dir, raw=True).to(device)
-    method = load_run_method(run_dir, cfg, in_chans)
-    if method is None:
-        raise FileNotFoundError(
-            f"{run_dir} has neither backbone.safetensors nor checkpoints/last.pt to evaluate"
-        )
-    return method.exports()["backbone"].to(device).eval()
 
 
 def _global_views(view_maker):
@@ -104,13 +67,13 @@ def evaluate_run(
     device = device or select_device(cfg.train.device)
     if train_data is None:
         train_data, test_data = load_data(cfg)
-    C = train_data.image_shape[0]
-    mean, std = dataset_stats(cfg.data.name, channels=C)
+    info = describe_data(train_data, cfg.data.name)
+    mean, std = info.mean, info.std
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"method": cfg.method}
     if method is None:
-        method = load_run_method(run_dir, cfg, C)
-        encoder = load_run_encoder(run_dir, cfg, C, device)
+        method = load_run_method(run_dir, cfg, info)
+        encoder = load_run_encoder(run_dir, cfg, info, device)
     else:
         encoder = method.exports()["backbone"]
     projector = method.guillotine_head if method is not None else None

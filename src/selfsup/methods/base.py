@@ -39,7 +39,7 @@ def forward_views(module: nn.Module, views: Sequence[torch.Tensor]) -> list[torc
 @dataclass(frozen=True)
 class MethodEntry:
     name: str
-    build: Callable          # build(cfg: Config, in_chans: int, mean, std) -> Method
+    build: Callable          # build(cfg: Config, data: DataInfo) -> Method
     params_cls: type
     family: str
     cookbook: str            # the sections and equations it implements

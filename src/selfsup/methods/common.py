@@ -7,13 +7,17 @@ import dataclasses
 from torch import nn
 
 from selfsup.config import Config
+from selfsup.data.types import DataInfo
 from selfsup.data.views import MultiView, build_view_maker
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.heads import projector
 
 
-def make_backbone(cfg: Config, in_chans: int) -> nn.Module:
-    m = cfg.model
+def make_backbone(cfg: Config, data: DataInfo) -> nn.Module:
+    """The image encoder of ``model.*`` for samples of ``data.shape`` (a ViT's positions follow ``views.size``)."""
+    if data.modality != "image":
+        raise ValueError(f"model.backbone={cfg.model.backbone!r} is an image backbone; the data is {data.modality}")
+    m, in_chans = cfg.model, data.channels
     if m.backbone.startswith("resnet"):
         return build_backbone(m.backbone, in_chans=in_chans, width=m.width, stem=m.stem)
     if m.backbone.startswith("vit"):
@@ -28,13 +32,13 @@ def make_projector(cfg: Config, in_dim: int) -> nn.Module:
                      last_bn=m.projector_last_bn)
 
 
-def make_views(cfg: Config, kind: str, channels: int, mean, std) -> MultiView:
+def make_views(cfg: Config, kind: str, data: DataInfo) -> MultiView:
     """The method's view recipe (`kind`), with every value the user set in `views.*` applied on top.
 
     `views.n_local > 0` adds multi-crop (cookbook §3.1.1) to any method: the method's own global views plus small
     crops of `views.local_size` pixels at `views.local_scale`, photometrically like the first global view.
     """
-    v = cfg.views
+    v, mean, std, channels = cfg.views, data.mean, data.std, data.channels
     names = ("scale", "ratio", "hflip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p",
              "blur_p", "solarize_p")
     overrides = {k: getattr(v, k) for k in names if getattr(v, k) is not None}

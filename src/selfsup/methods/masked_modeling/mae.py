@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selfsup.data.types import DataInfo
 from selfsup.data.views import MultiView, RandomMaskViews, simclr_views
 from selfsup.losses.masked_modeling import mae_loss, patchify
 from selfsup.methods.base import Method, Progress, Views, register
@@ -94,18 +95,18 @@ class MAE(Method):
 
 @register("mae", MAEParams, family="masked image modeling", cookbook="§2.5; §3.6; §3.8.3 token dropping",
           summary="ViT on the visible 25% of patches; a light decoder reconstructs the masked pixels")
-def build(cfg, in_chans: int, mean, std) -> MAE:
+def build(cfg, data: DataInfo) -> MAE:
     p = cfg.params
-    encoder = make_backbone(cfg, in_chans)
+    encoder = make_backbone(cfg, data)
     if not isinstance(encoder, VisionTransformer):
         raise ValueError(f"MAE drops tokens, so it needs a ViT: set model.backbone=vit_tiny (or vit_small), not "
                          f"{cfg.model.backbone!r}")
     size = cfg.views.size
     grid = (size // encoder.patch_size, size // encoder.patch_size)
     decoder = MAEDecoder(encoder.embed_dim, p.decoder_dim, p.decoder_depth, p.decoder_heads, grid,
-                         encoder.patch_size ** 2 * in_chans)
+                         encoder.patch_size ** 2 * data.channels)
     # crop + flip only (He et al. 2022, appendix A.1): no colour jitter, blur, grayscale or solarization
-    crop = simclr_views(size, mean, std, in_chans).global_cfgs[0]
+    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
     only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                                solarize_p=0.0)
     views = RandomMaskViews(MultiView([only]), math.prod(grid), p.mask_ratio)

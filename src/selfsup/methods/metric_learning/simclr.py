@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfsup.data.types import DataInfo
 from selfsup.losses.metric_learning import multi_view_nt_xent
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
@@ -31,7 +32,7 @@ class SimCLR(Method):
 
 @register("simclr", SimCLRParams, family="deep metric learning", cookbook="§2.2, eq. (6), Fig. 3; §3.8.1 Alg. 1",
           summary="NT-Xent between two views; negatives are the rest of the (gathered) batch")
-def build(cfg, in_chans: int, mean, std) -> SimCLR:
-    encoder = make_backbone(cfg, in_chans)
-    return SimCLR(encoder, make_projector(cfg, encoder.num_features), make_views(cfg, "simclr", in_chans, mean, std),
+def build(cfg, data: DataInfo) -> SimCLR:
+    encoder = make_backbone(cfg, data)
+    return SimCLR(encoder, make_projector(cfg, encoder.num_features), make_views(cfg, "simclr", data),
                   cfg.params.temperature)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup.data.types import DataInfo
 from selfsup.losses.self_distillation import byol_loss
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_projector, make_views
@@ -52,10 +53,10 @@ class BYOL(Method):
 
 @register("byol", BYOLParams, family="self-distillation", cookbook="§2.3, eq. (9)-(10); §3.4.1",
           summary="online network + predictor regresses an EMA teacher (cosine 0.996 -> 1)")
-def build(cfg, in_chans: int, mean, std) -> BYOL:
-    encoder = make_backbone(cfg, in_chans)
+def build(cfg, data: DataInfo) -> BYOL:
+    encoder = make_backbone(cfg, data)
     proj = make_projector(cfg, encoder.num_features)
     out = cfg.model.projector_out
     predictor = mlp(out, cfg.params.predictor_hidden, out, num_layers=2)
-    return BYOL(encoder, proj, predictor, make_views(cfg, "byol", in_chans, mean, std), cfg.params.ema_base,
+    return BYOL(encoder, proj, predictor, make_views(cfg, "byol", data), cfg.params.ema_base,
                 cfg.params.ema_final)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from selfsup import distributed as du
+from selfsup.data.types import DataInfo
 from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_views
@@ -101,9 +102,9 @@ class DINO(Method):
 
 @register("dino", DINOParams, family="self-distillation", cookbook="§2.3, eq. (12); §3.4; §3.1.1 multi-crop",
           summary="student matches the centered, sharpened softmax of an EMA teacher across multi-crop views")
-def build(cfg, in_chans: int, mean, std) -> DINO:
+def build(cfg, data: DataInfo) -> DINO:
     p = cfg.params
-    encoder = make_backbone(cfg, in_chans)
+    encoder = make_backbone(cfg, data)
     head = DINOHead(encoder.num_features, p.out_dim, p.hidden_dim, p.bottleneck_dim, use_bn=p.head_bn,
                     norm_last_layer=p.norm_last_layer)
-    return DINO(encoder, head, make_views(cfg, "multicrop", in_chans, mean, std), p)
+    return DINO(encoder, head, make_views(cfg, "multicrop", data), p)
