@@ -79,3 +79,53 @@ def test_one_did_you_mean_for_every_unknown_name():
         with pytest.raises((KeyError, ValueError)) as e:
             call()
         assert expected in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- recipe inheritance
+
+
+def test_a_recipe_states_only_what_differs_from_the_recipe_it_extends():
+    from selfsup.config import load_recipe
+
+    default, long = _cfg("simclr").to_dict(), _cfg("simclr", "recipe=fmnist-long").to_dict()
+    changed = {k for k in long if long[k] != default[k]}
+    assert changed == {"recipe", "description", "epochs", "optim", "train"}
+    assert (long["epochs"], long["optim"]["warmup_epochs"], long["train"]["knn_every"]) == (64, 2, 8)
+    assert {k: v for k, v in long["optim"].items() if k != "warmup_epochs"} == \
+        {k: v for k, v in default["optim"].items() if k != "warmup_epochs"}
+    # the dataset preset under every Fashion-MNIST recipe, its own keys on top
+    preset = load_recipe("simclr", "datasets/fashion_mnist")
+    for method in ("simclr", "byol", "dino"):
+        cfg = _cfg(method)
+        assert cfg.data.name == "fashion_mnist" and cfg.views.size == 28 and cfg.views.saturation == 0.0
+        assert cfg.model.backbone == preset["model"]["backbone"] and cfg.description != preset["description"]
+
+
+def _write(root, rel, text):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_extends_merges_section_by_section_in_order(tmp_path):
+    from selfsup.config import load_recipe
+
+    _write(tmp_path, "datasets/tiny.yaml", "description: preset\ndata: {name: mnist}\nviews: {size: 16, hue: 0.0}\n")
+    _write(tmp_path, "m/base.yaml", "description: base\nepochs: 5\nviews: {size: 20, contrast: 0.1}\n")
+    _write(tmp_path, "m/child.yaml", "extends: [datasets/tiny, base]\nviews: {contrast: 0.3}\noptim: {base_lr: 1}\n")
+    tree = load_recipe("m", "child", root=tmp_path)
+    # later bases win over earlier ones, the file over its bases; sections merge key by key
+    assert tree == {"data": {"name": "mnist"}, "epochs": 5, "views": {"size": 20, "hue": 0.0, "contrast": 0.3},
+                    "optim": {"base_lr": 1}}  # descriptions are never inherited
+
+
+def test_extends_reports_a_missing_base_and_a_circle(tmp_path):
+    from selfsup.config import load_recipe
+
+    _write(tmp_path, "m/a.yaml", "extends: b\n")
+    _write(tmp_path, "m/b.yaml", "extends: a\n")
+    _write(tmp_path, "m/c.yaml", "extends: datasets/nope\n")
+    with pytest.raises(ConfigError, match="circle: a -> b -> a"):
+        load_recipe("m", "a", root=tmp_path)
+    with pytest.raises(ConfigError, match="'c' extends 'datasets/nope', which does not exist"):
+        load_recipe("m", "c", root=tmp_path)

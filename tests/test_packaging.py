@@ -141,8 +141,8 @@ def _recipe_listing(stdout: str) -> dict[str, list[str]]:
         if line and not line[0].isspace():
             method = line.split()[0]
             listing[method] = []
-        elif line.strip().startswith("recipe=") and method is not None:
-            listing[method].append(line.strip().split()[0].removeprefix("recipe="))
+        elif line.strip().startswith(("recipe=", "preset=datasets/")) and method is not None:
+            listing[method].append(line.strip().split()[0].split("=")[1].removeprefix("datasets/"))
     return listing
 
 
@@ -179,9 +179,13 @@ def test_installed_wheel_runs_from_a_fresh_venv(built, fresh_venv):
     cfg = yaml.safe_load(r.stdout)
     assert cfg["method"] == "simclr" and cfg["recipe"] == "default"
     recipe = yaml.safe_load((recipes_dir / "simclr" / "default.yaml").read_text())
-    for path, value in _leaves(recipe):
+    preset = yaml.safe_load((recipes_dir / f"{recipe.pop('extends')}.yaml").read_text())  # the dataset preset under it
+    preset.pop("description")
+    for path, value in [*_leaves(preset), *_leaves(recipe)]:  # the recipe's own values come last and win
         node = cfg
         for k in path:
             assert isinstance(node, dict) and k in node, f"--show-config has no {'.'.join(path)}"
             node = node[k]
+        if any(path == q for q, _ in _leaves(recipe)) and (path, value) not in _leaves(recipe):
+            continue  # a preset value the recipe overrides
         assert node == value, f"--show-config {'.'.join(path)} = {node!r}, recipes/simclr/default.yaml: {value!r}"

@@ -40,11 +40,19 @@ def cmd_recipes() -> int:
 
     from selfsup.methods import REGISTRY
 
+    root = resources.files("selfsup") / "recipes"
     for name, entry in sorted(REGISTRY.items()):
         print(f"{name:10s} {entry.family}: {entry.summary}  [cookbook {entry.cookbook}]")
         for r in recipe_names(name):
-            meta = yaml.safe_load((resources.files("selfsup") / "recipes" / name / f"{r}.yaml").read_text()) or {}
-            print(f"  recipe={r:14s} {meta.get('description', '')}  [cookbook {meta.get('cookbook', '-')}]")
+            meta = yaml.safe_load((root / name / f"{r}.yaml").read_text()) or {}
+            base = f"  (extends {meta['extends']})" if meta.get("extends") else ""
+            print(f"  recipe={r:14s} {meta.get('description', '')}{base}  [cookbook {meta.get('cookbook', '-')}]")
+    presets = recipe_names("datasets")
+    if presets:
+        print("datasets   presets a recipe extends (extends: datasets/NAME); a recipe of its own overrides them")
+        for r in presets:
+            meta = yaml.safe_load((root / "datasets" / f"{r}.yaml").read_text()) or {}
+            print(f"  preset=datasets/{r:14s} {meta.get('description', '')}")
     return 0
 
 

@@ -284,20 +284,57 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _recipes_root():
+    return resources.files("selfsup") / "recipes"
+
+
 def recipe_names(method: str) -> list[str]:
-    folder = resources.files("selfsup") / "recipes" / method
+    folder = _recipes_root() / method
     if not folder.is_dir():
         return []
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(method: str, recipe: str) -> dict:
-    path = resources.files("selfsup") / "recipes" / method / f"{recipe}.yaml"
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section (a key ``top`` sets replaces the base's; lists are replaced)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(method: str, recipe: str, root=None) -> dict:
+    """A recipe's settings, with what it ``extends`` underneath.
+
+    ``extends: NAME`` (or a list, applied in order) names recipes this one states the differences from: ``default``
+    is a recipe of the same method (``recipes/<method>/default.yaml``), ``datasets/cifar10`` a file under
+    ``recipes/`` shared by every method (a dataset preset). The bases are merged section by section, then this
+    file's values on top. ``description`` and ``cookbook`` are never inherited: every recipe states its own.
+    """
+    return _resolve_recipe(method, recipe, root or _recipes_root(), ())
+
+
+def _resolve_recipe(method: str, name: str, root, chain: tuple[str, ...]) -> dict:
+    *folders, stem = name.split("/")
+    path = root.joinpath(*(folders or [method]), f"{stem}.yaml")
     if not path.is_file():
-        names = recipe_names(method)
-        raise ConfigError(f"method {method!r} has no recipe {recipe!r}.{did_you_mean(recipe, names)} "
+        if chain:
+            raise ConfigError(f"recipe {chain[-1]!r} extends {name!r}, which does not exist ({path})")
+        names = recipe_names(method) if root == _recipes_root() else []
+        raise ConfigError(f"method {method!r} has no recipe {name!r}.{did_you_mean(name, names)} "
                           f"Available: {', '.join(names)}")
-    return yaml.safe_load(path.read_text()) or {}
+    if name in chain:
+        raise ConfigError(f"recipes extend each other in a circle: {' -> '.join((*chain, name))}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold key: value settings, not a {type(tree).__name__}")
+    bases = tree.pop("extends", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _resolve_recipe(method, str(base), root, (*chain, name)))
+    merged.pop("description", None)
+    merged.pop("cookbook", None)
+    return _merge(merged, tree)
 
 
 def build_config(method: str, overrides: list[str] | None = None, *, params_cls: type | None = None) -> Config:
