@@ -1,5 +1,6 @@
 """DINO (cookbook eq. (12)): the loss on a hand-checkable case, the center's update and its all-reduce, the frozen
-teacher, the last layer frozen in epoch 1, exact resume, and a ResNet and a ViT under the trainer."""
+teacher, the last layer frozen in epoch 1, exact resume, a ResNet and a ViT under the trainer, every buffer equal on
+2 DDP processes; DINOv2's KoLeo and Sinkhorn-Knopp against their formulas."""
 
 import json
 import math
@@ -16,7 +17,7 @@ from selfsup.cli import main
 from selfsup.config import Config, _set, build_config
 from selfsup.contract import Progress
 from selfsup.data.types import DataInfo
-from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
+from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs, koleo_loss, sinkhorn_knopp_teacher
 from selfsup.methods import get_method
 from selfsup.methods.self_distillation.dino import DINOParams
 
@@ -144,3 +145,100 @@ def test_dino_trains_with_a_resnet_and_a_vit(tiny_fmnist, tmp_path, backbone):
     assert main(_args("dino", tiny_fmnist, out, *SMALL, *backbone, "train.max_steps=2", "epochs=1")) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 2 and math.isfinite(s["knn_top1"])
+
+
+# ------------------------------------------------------------------------------------------- DINOv2 options
+
+
+def test_koleo_equals_minus_mean_log_nearest_neighbour_distance():
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    u = x / x.norm(dim=1, keepdim=True)
+    d = torch.cdist(u.double(), u.double()) + torch.eye(12, dtype=torch.float64) * 10  # exclude oneself
+    expected = -torch.log(d.min(dim=1).values + 1e-8).mean()
+    assert koleo_loss(x).item() == pytest.approx(expected.item(), rel=1e-5)
+    # two points at distance 2 (antipodal): -log 2 each
+    assert koleo_loss(torch.tensor([[1.0, 0.0], [-3.0, 0.0]])).item() == pytest.approx(-math.log(2), rel=1e-6)
+
+
+def test_sinkhorn_knopp_rows_are_distributions_and_prototypes_share_the_batch():
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)) * 3
+    q = sinkhorn_knopp_teacher(logits, temperature=0.5, iterations=3)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(16))  # each sample's target is a distribution
+    converged = sinkhorn_knopp_teacher(logits, temperature=0.5, iterations=200)
+    torch.testing.assert_close(converged.sum(dim=0), torch.full((6,), 16 / 6), rtol=1e-4, atol=1e-4)  # equipartition
+    # one iteration by hand: Q = exp(l/T)^T normalized; rows / row sums / K; columns / column sums / B; x B
+    e = torch.exp(logits.double() / 0.5).t()
+    e = e / e.sum()
+    e = e / e.sum(dim=1, keepdim=True) / 6
+    e = e / e.sum(dim=0, keepdim=True) / 16
+    torch.testing.assert_close(sinkhorn_knopp_teacher(logits, 0.5, 1), (e * 16).t().float(), rtol=1e-5, atol=1e-6)
+    assert not sinkhorn_knopp_teacher(logits.requires_grad_(), 0.5).requires_grad
+
+
+def _sk_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)) * 3
+    n = 16 // world
+    torch.save(sinkhorn_knopp_teacher(logits[rank * n:(rank + 1) * n], 0.5), os.path.join(out_dir, f"q{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_knopp_on_two_processes_equals_one(tmp_path):
+    logits = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)) * 3
+    whole = sinkhorn_knopp_teacher(logits, 0.5)
+    mp.spawn(_sk_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    halves = torch.cat([torch.load(tmp_path / f"q{r}.pt", weights_only=True) for r in range(2)])
+    torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_dinov2_options_change_the_loss_as_their_formulas_say():
+    x = _images()
+    views = _dino().view_maker(x, torch.Generator().manual_seed(2))
+    base = _dino()
+    koleo = _dino(koleo_weight=0.1)
+    out0, out1 = base(views, Progress(0, 10, 5)), koleo(views, Progress(0, 10, 5))
+    assert out1["loss"].item() == pytest.approx(out0["loss"].item() + 0.1 * float(out1["koleo"]), rel=1e-5)
+    sk = _dino(centering="sinkhorn_knopp")
+    out2 = sk(views, Progress(0, 10, 5))
+    assert math.isfinite(out2["loss"].item()) and out2["loss"].item() != pytest.approx(out0["loss"].item())
+    sk.on_step_end(Progress(1, 10, 5))
+    assert sk.center.abs().sum() == 0  # Sinkhorn-Knopp replaces the running center
+
+
+# ------------------------------------------------------------------------------------------- DDP buffers
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    from selfsup.data.datasets import from_arrays
+    from selfsup.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    x = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    data = from_arrays(x, torch.arange(64) % 4, name="tiny/train")
+    m = _dino(seed=0)
+    cfg = Config(method="dino", params=m.p, out=os.path.join(out_dir, "run"), epochs=2, batch_size=16)
+    for k, v in {"optim.name": "adamw", "optim.base_lr": 1e-2, "optim.lr_rule": "none", "optim.warmup_epochs": 0.0,
+                 "train.max_steps": 5, "train.knn_every": 0, "train.online_probe": False, "views.size": 8}.items():
+        _set(cfg, k, v)
+    info = DataInfo("image", (1, 8, 8), (0.5,), (0.5,), 4, "tiny")
+    train(cfg, m, data, data=info)
+    torch.save(m.state_dict(), os.path.join(out_dir, f"state{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_every_buffer_and_the_teacher_stay_equal_on_two_ddp_processes(tmp_path):
+    """5 steps of DINO under DDP without buffer broadcasting: the EMA teacher, the center and every other buffer
+    are the same on both processes, though each saw other images and drew other views."""
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = (torch.load(tmp_path / f"state{r}.pt", weights_only=True) for r in range(2))
+    assert s0.keys() == s1.keys() and "center" in s0 and any(k.startswith("teacher_") for k in s0)
+    fresh = _dino(seed=0).state_dict()
+    assert s0["center"].abs().sum() > 0 and not torch.equal(s0["teacher_head.mlp.0.weight"],
+                                                            fresh["teacher_head.mlp.0.weight"])  # they did move
+    for k in s0:  # all-reduced values are summed in one order on both ranks: equal up to float32 rounding
+        torch.testing.assert_close(s0[k], s1[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,6 +1,11 @@
 """Self-distillation losses (cookbook §2.3): a student predicts the output of a teacher made from itself."""
 
 from selfsup.losses.self_distillation.byol import byol_loss, renorm
-from selfsup.losses.self_distillation.dino import dino_loss, dino_teacher_probs
+from selfsup.losses.self_distillation.dino import (
+    dino_loss,
+    dino_teacher_probs,
+    koleo_loss,
+    sinkhorn_knopp_teacher,
+)
 
-__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "renorm"]
+__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "koleo_loss", "renorm", "sinkhorn_knopp_teacher"]

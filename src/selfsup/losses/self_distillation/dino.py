@@ -29,3 +29,44 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
     if not terms:
         raise ValueError("dino_loss needs at least two crops (a teacher crop and another student crop)")
     return sum(terms) / len(terms)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's replacement of centering (Oquab et al. 2023, §4; SwAV's Sinkhorn-Knopp, cookbook §2.4 eq. (14)):
+    teacher targets Q as the softmax exp(f_t / tau_t), rescaled so that over the whole batch B (all processes) every
+    prototype gets mass 1/K and every sample 1/B, by ``iterations`` alternate row/column normalizations (DINOv2: 3).
+
+    Returns (B_local, K) rows summing to 1 (sharp, and equipartitioned across the batch instead of centered). Row
+    sums over the prototypes are all-reduced, so 2 processes with half batches compute what 1 does with the whole.
+    """
+    from selfsup.distributed import all_reduce_sum_, get_world_size
+
+    logits = teacher_logits.detach().float() / temperature
+    peak = logits.max()
+    if get_world_size() > 1:  # one shift for every process: a per-process shift would scale the halves differently
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp(logits - peak).t()  # (K, B)
+    k, b = q.shape[0], q.shape[1] * get_world_size()
+    q /= all_reduce_sum_(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)  # each sample: total mass 1/B
+        q /= b
+    return (q * b).t()
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regularizer of DINOv2 (Sablayrolles et al. 2019; Oquab et al. 2023, §4):
+    L = -1/n sum_i log(d_i), d_i = min_{j != i} || x_i/||x_i|| - x_j/||x_j|| ||, on one process's batch.
+
+    It spreads the features uniformly over the sphere (a differential entropy estimator). DINOv2 applies it with
+    weight 0.1 to the student's backbone features of each global crop, in float32.
+    """
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-2.0)  # never one's own neighbour (cosines are >= -1)
+    nearest = dots.argmax(dim=1)
+    distances = (x - x[nearest]).norm(dim=-1)
+    return -torch.log(distances + eps).mean()

@@ -8,8 +8,12 @@ Defaults are DINO's `main_dino.py` unless a recipe says otherwise: student tempe
 
 Under several processes the center's batch mean is all-reduced, so every process keeps the same center (DDP
 broadcasts no buffer that would hide a divergence). With gradient accumulation the center is updated once per
-optimizer step from the teacher outputs of all micro-batches. Not here yet: DINOv2's KoLeo regularizer and
-Sinkhorn-Knopp centering, and the weight-decay schedule (0.04 -> 0.4): the trainer keeps weight decay constant.
+optimizer step from the teacher outputs of all micro-batches.
+
+DINOv2 options (Oquab et al. 2023, §4): ``centering: sinkhorn_knopp`` replaces the running center by Sinkhorn-Knopp
+equipartition of the teacher's batch (3 iterations, all-reduced), and ``koleo_weight`` (DINOv2: 0.1) adds the KoLeo
+regularizer on the student's backbone features of each global crop. DINO's weight-decay schedule (0.04 -> 0.4) is the
+trainer's ``optim.weight_decay_end``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch
 from torch import nn
 
 from selfsup import distributed as du
+from selfsup.config import ConfigError
 from selfsup.data.types import DataInfo
-from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs
+from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs, koleo_loss, sinkhorn_knopp_teacher
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_views
 from selfsup.nn.heads import DINOHead
@@ -42,6 +47,9 @@ class DINOParams:
     center_momentum: float = 0.9         # DINOLoss center_momentum
     ema_base: float = 0.996              # --momentum_teacher, cosine schedule to 1
     freeze_last_layer_epochs: int = 1    # --freeze_last_layer
+    centering: str = "center"            # center (DINO) | sinkhorn_knopp (DINOv2 train.centering)
+    sinkhorn_iterations: int = 3         # DINOv2 sinkhorn_knopp_teacher n_iterations
+    koleo_weight: float = 0.0            # DINOv2 dino.koleo_loss_weight: 0.1 (0 = off, DINO)
 
 
 class DINO(Method):
@@ -68,13 +76,22 @@ class DINO(Method):
         student = forward_views(self.head, feats)
         with torch.no_grad():
             teacher = forward_views(self.teacher_head, forward_views(self.teacher_encoder, views.global_crops))
-            t_all = torch.cat(teacher).float()
-            self._batch_sum += t_all.sum(dim=0)
-            self._batch_count += t_all.shape[0]
+            if self.p.centering == "center":
+                t_all = torch.cat(teacher).float()
+                self._batch_sum += t_all.sum(dim=0)
+                self._batch_count += t_all.shape[0]
         temp = self.teacher_temperature(progress.epoch)
-        probs = [dino_teacher_probs(t, self.center, temp) for t in teacher]
+        if self.p.centering == "sinkhorn_knopp":  # equipartition over all global crops of the batch together
+            probs = list(sinkhorn_knopp_teacher(torch.cat(teacher), temp, self.p.sinkhorn_iterations).chunk(len(teacher)))
+        else:
+            probs = [dino_teacher_probs(t, self.center, temp) for t in teacher]
         loss = dino_loss(student, probs, self.p.student_temp)
-        return {"loss": loss, "features": feats[0], "teacher_temp": temp}
+        logs = {"teacher_temp": temp}
+        if self.p.koleo_weight > 0:
+            koleo = sum(koleo_loss(f) for f in feats[: views.n_global])
+            loss = loss + self.p.koleo_weight * koleo
+            logs["koleo"] = koleo.detach()
+        return {"loss": loss, "features": feats[0], **logs}
 
     def before_optimizer_step(self, progress: Progress) -> None:
         if progress.epoch < self.p.freeze_last_layer_epochs:  # DINO's cancel_gradients_last_layer
@@ -84,11 +101,12 @@ class DINO(Method):
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> dict:
-        total = du.all_reduce_sum_(torch.cat([self._batch_sum, self._batch_count.view(1)]))  # same on every process
-        batch_center = total[:-1] / total[-1]
-        self.center.mul_(self.p.center_momentum).add_(batch_center, alpha=1 - self.p.center_momentum)
-        self._batch_sum.zero_()
-        self._batch_count.zero_()
+        if self.p.centering == "center":
+            total = du.all_reduce_sum_(torch.cat([self._batch_sum, self._batch_count.view(1)]))  # same everywhere
+            batch_center = total[:-1] / total[-1]
+            self.center.mul_(self.p.center_momentum).add_(batch_center, alpha=1 - self.p.center_momentum)
+            self._batch_sum.zero_()
+            self._batch_count.zero_()
         # main_dino.py: momentum_schedule[it] for the iteration `it` just done (0-based)
         m = cosine_momentum(progress.step - 1, progress.total_steps, self.p.ema_base, 1.0)
         ema_update(self.teacher_encoder, self.encoder, m)
@@ -104,6 +122,8 @@ class DINO(Method):
           summary="student matches the centered, sharpened softmax of an EMA teacher across multi-crop views")
 def build(cfg, data: DataInfo) -> DINO:
     p = cfg.params
+    if p.centering not in ("center", "sinkhorn_knopp"):
+        raise ConfigError(f"dino.centering={p.centering!r} is not one of center, sinkhorn_knopp")
     encoder = make_backbone(cfg, data)
     head = DINOHead(encoder.num_features, p.out_dim, p.hidden_dim, p.bottleneck_dim, use_bn=p.head_bn,
                     norm_last_layer=p.norm_last_layer)
