@@ -212,3 +212,17 @@ print(len(names))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) > 40
+
+
+def test_adamw_betas_and_the_weight_decay_schedule_are_trainer_options(toy, tmp_path):
+    from selfsup.optim import warmup_cosine
+
+    run = tmp_path / "run"
+    pretrain(_config(run, **{"optim.betas": [0.9, 0.95], "optim.weight_decay": 0.04,
+                             "optim.weight_decay_end": 0.4}), *_data())
+    groups = torch.load(run / "checkpoints/last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in groups)
+    decayed = [g["weight_decay"] for g in groups if g["weight_decay"] > 0]
+    # the last of 6 steps set it: cosine from 0.04 to 0.4 (DINO's schedule); biases and norms keep 0
+    assert decayed == [pytest.approx(warmup_cosine(5, 6, 0, 0.04, 0.4))] and decayed[0] > 0.35
+    assert any(g["weight_decay"] == 0.0 for g in groups)

@@ -82,6 +82,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     final_lr: float = 0.0                 # cosine decays to final_lr * lr
     clip_grad: float = 0.0                # clip the global gradient norm to this (0: off; DINO uses 3.0)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW; MAE uses (0.9, 0.95)
+    weight_decay_end: float | None = None  # cosine schedule of the weight decay to this (DINO: 0.04 -> 0.4); None: constant
 
 
 @dataclass

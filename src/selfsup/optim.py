@@ -117,3 +117,10 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of every group that has one; groups without (biases, norms, tokens) keep 0."""
+    for g in optimizer.param_groups:
+        if g.get("weight_decay", 0.0) > 0:
+            g["weight_decay"] = weight_decay

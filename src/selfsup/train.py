@@ -30,7 +30,7 @@ from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
 from selfsup.nn.backbones import export_backbone
-from selfsup.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
 from selfsup.runs import CHECKPOINT
 from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
 
@@ -216,7 +216,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         # overwrite per-step accumulators. BN statistics: SyncBN on CUDA, per process on CPU (rank 0's are saved).
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,
-                                groups=raw.param_groups(cfg.optim.weight_decay))
+                                betas=tuple(cfg.optim.betas), groups=raw.param_groups(cfg.optim.weight_decay))
     encoder = raw.exports()["backbone"]  # what the online probe, the kNN monitor and the export see
     probe = None
     if labels is not None and cfg.train.online_probe:
@@ -266,6 +266,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             t0 = time.perf_counter()
             cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
             set_lr(optimizer, cur_lr)
+            if cfg.optim.weight_decay_end is not None:  # DINO's cosine weight-decay schedule, no warm-up
+                set_weight_decay(optimizer, warmup_cosine(step, total_steps, 0, cfg.optim.weight_decay,
+                                                          cfg.optim.weight_decay_end))
             gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
             torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ _OTHER_STREAM)  # apart from the views
             x = train_data.images[local]
