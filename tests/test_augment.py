@@ -4,6 +4,7 @@ References: torchvision's RandomResizedCrop.get_params (ported below, for the cr
 _rgb2hsv/_hsv2rgb (ported below, BSD-3-Clause, for hue), F.interpolate (crop+resize) and F.conv2d (blur).
 """
 
+import dataclasses
 import math
 import random
 
@@ -438,3 +439,30 @@ def test_cuda_views_match_cpu_with_a_cpu_generator():
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
     on_device = vm(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert all(v.device.type == "cuda" for v in on_device)
+
+
+def test_views_record_each_crops_box_and_flip_and_draw_as_before():
+    """Views.geometry: per crop (top, left, height, width, flip) as fractions of the source; the crop it describes is
+    the one made (checked on images whose pixels are their own column index), and recording it changes no draw."""
+    from selfsup.data.views import MultiView
+
+    H = W = 40
+    cols = torch.arange(W, dtype=torch.float32).expand(4, 1, H, W) / (W - 1)  # pixel value = column / (W - 1)
+    gcfg = A.AugmentConfig(size=10, scale=(0.2, 0.6), hflip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                           solarize_p=0.0, mean=(0.0,), std=(1.0,))
+    lcfg = dataclasses.replace(gcfg, size=6)
+    views = MultiView([gcfg, gcfg], lcfg, n_local=2)(cols, torch.Generator().manual_seed(5))
+    assert len(views.geometry) == 4 and all(g.shape == (4, 5) for g in views.geometry)
+    for crop, g in zip(views.crops, views.geometry):
+        top, left, h, w, flip = g.unbind(1)
+        assert bool(((0 <= top) & (top + h <= 1 + 1e-6) & (0 <= left) & (left + w <= 1 + 1e-6)).all())
+        row = crop[:, 0, 0]  # values run from the box's left edge to its right edge (reversed when flipped)
+        first, last = row[:, 0], row[:, -1]
+        lo, hi = left * W / (W - 1), (left + w) * W / (W - 1)
+        assert torch.equal(flip.bool(), first > last)
+        ends = torch.stack([torch.minimum(first, last), torch.maximum(first, last)], 1)
+        assert bool(((ends[:, 0] >= lo - 1.5 / W) & (ends[:, 1] <= hi + 0.5 / W)).all())  # inside the box
+        assert bool(((ends[:, 1] - ends[:, 0]) > 0.6 * (hi - lo) - 2 / W).all())  # and spanning most of it
+    assert any(bool(g[:, 4].any()) for g in views.geometry) and not all(bool(g[:, 4].all()) for g in views.geometry)
+    again = [A.Augment(c)(cols, g) for g in [torch.Generator().manual_seed(5)] for c in (gcfg, gcfg, lcfg, lcfg)]
+    assert all(torch.equal(a, b) for a, b in zip(again, views.crops))  # the same draws as the plain Augment path

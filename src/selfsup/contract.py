@@ -31,7 +31,8 @@ class Views:
 
     ``crops``: the augmented inputs, the ``n_global`` global crops first, then the local ones (multi-crop).
     ``masks``: named masks made with the batch from the step's generator (e.g. ``{"mim": (B, N) bool}``).
-    ``geometry``: per crop, (B, 4) crop box + flip, for dense methods (VICRegL) — None when not recorded.
+    ``geometry``: per crop, (B, 5) rows (top, left, height, width, flip): the crop box as fractions of the source
+    image and 1.0 for a horizontal flip, for dense methods (VICRegL) — None when a view maker does not record it.
     ``paired``: other modalities of the same samples (CLIP: ``{"text": token ids}``).
     A ``Views`` also reads as the sequence of its crops (``len``, iteration, indexing).
     """

@@ -600,10 +600,22 @@ class Augment:
         return f"Augment({self.cfg})"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, generator)[0]
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view and its geometry: (B, 5) float32 rows (top, left, height, width, flip), the crop box as
+        fractions of the source image's height and width and 1.0 where the view was flipped horizontally (what
+        dense methods such as VICRegL need to match locations across views)."""
         cfg = self.cfg
         _check_images(x)
+        H, W = x.shape[2], x.shape[3]
+        boxes = sample_crop_boxes(x.shape[0], H, W, cfg.scale, cfg.ratio, generator, x.device)
+        flip = _bernoulli(x.shape[0], cfg.hflip_p, generator, x.device) if cfg.hflip_p > 0 else None
+        geometry = torch.cat([boxes.float() / torch.tensor([H, W, H, W], dtype=torch.float32, device=boxes.device),
+                              (flip.float() if flip is not None else boxes.new_zeros(len(boxes)).float())[:, None]],
+                             dim=1)
         # the crop makes a fresh float tensor, so every later op may work in place on it
-        x = random_resized_crop(x, cfg.size, cfg.scale, cfg.ratio, generator, cfg.hflip_p)
+        x = resized_crop(x, boxes, cfg.size, flip)
         if cfg.jitter_p > 0 and (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
             x = color_jitter(
                 x,
@@ -620,4 +632,4 @@ class Augment:
             x, cfg.blur_p, cfg.blur_sigma, self.blur_kernel_size, generator, inplace=True
         )
         x = random_solarize(x, cfg.solarize_p, 0.5, generator, inplace=True)
-        return normalize_float(x, cfg.mean, cfg.std, inplace=True)
+        return normalize_float(x, cfg.mean, cfg.std, inplace=True), geometry

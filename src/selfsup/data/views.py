@@ -73,10 +73,9 @@ class MultiView:
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
         # Convert once when several views read the batch; a single view folds the 1/255 into its crop.
         x = to_float01(batch) if batch.dtype == torch.uint8 and self.n_global + self.n_local > 1 else batch
-        crops = [aug(x, generator) for aug in self._global_augs]
-        if self._local_aug is not None:
-            crops += [self._local_aug(x, generator) for _ in range(self.n_local)]
-        return Views(crops, self.n_global)
+        augs = self._global_augs + [self._local_aug] * (self.n_local if self._local_aug is not None else 0)
+        made = [aug.apply(x, generator) for aug in augs]
+        return Views([c for c, _ in made], self.n_global, geometry=[g for _, g in made])
 
     def describe(self) -> list[dict]:
         """One dict of augmentation settings per crop, global crops first."""
