@@ -92,6 +92,21 @@ def test_resume_in_a_folder_without_a_run_says_so(tmp_path, capsys):
     assert "out=RUN_DIR" in capsys.readouterr().err
 
 
+def test_a_cli_resume_reads_the_checkpoint_once(stopped_run, monkeypatch):
+    """The config and the state come from one read of checkpoints/last.pt (a large checkpoint is not loaded twice)."""
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if str(f).endswith("last.pt"):
+            reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert main(["train", "simclr", "resume=auto", f"out={stopped_run}", "train.max_steps=0"]) == 0
+    assert reads == [str(stopped_run / "checkpoints/last.pt")]
+
+
 def test_resume_of_a_byol_run_as_simclr_is_refused(stopped_run, capsys):
     assert main(["train", "byol", "resume=auto", f"out={stopped_run}"]) == 2
     assert "is a 'simclr' run" in capsys.readouterr().err
