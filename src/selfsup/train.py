@@ -113,7 +113,8 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
         xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
         views = raw.view_maker(xm, gen)
         if channels_last:
-            views = views.map_crops(lambda c: c.contiguous(memory_format=torch.channels_last))
+            views = views.map_crops(  # image batches only: other modalities' inputs pass through as they are
+                lambda c: c.contiguous(memory_format=torch.channels_last) if c.ndim == 4 else c)
         sync = model.no_sync() if m < accum - 1 and isinstance(model, DDP) else contextlib.nullcontext()
         with sync, autocast(device, amp):
             out = model(views, progress)
