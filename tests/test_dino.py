@@ -21,7 +21,7 @@ from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs, kole
 from selfsup.methods import get_method
 from selfsup.methods.self_distillation.dino import DINOParams
 
-SMALL = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "views.n_local=2", "views.local_size=8",
+SMALL = ["dino.out_dim=64", "dino.freeze_last_layer_epochs=1", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "views.n_local=2", "views.local_size=8",
          "optim.name=adamw", "optim.base_lr=1e-3", "optim.lr_rule=none", "optim.clip_grad=3.0", "eval.linear=false",
          "train.knn_every=0", "eval.init_baseline=false", "eval.mlp=false", "eval.rotation=false",
          "eval.lidar_images=0", "eval.report=false"]
@@ -123,7 +123,7 @@ def test_last_layer_frozen_in_epoch_one_and_resume_is_exact(tiny_fmnist, tmp_pat
     assert main(_args("dino", tiny_fmnist, b, *SMALL, "train.max_steps=4")) == 0  # epoch 1 = 4 steps
     cfg = build_config("dino", _args("dino", tiny_fmnist, b, *SMALL)[2:], params_cls=DINOParams)
     torch.manual_seed(cfg.seed)
-    fresh = get_method("dino").build(cfg, DataInfo("image", (1, 28, 28), (0.2860,), (0.3530,)))
+    fresh = get_method("dino").build(cfg, DataInfo("image", (1, 16, 16), (0.2860,), (0.3530,)))
     assert torch.equal(_proto(b), fresh.head.prototypes.detach())  # unchanged through epoch 1 ...
     state = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
     assert not torch.equal(state["head.mlp.0.weight"], fresh.head.mlp[0].weight.detach())  # ... the rest trained
