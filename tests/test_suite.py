@@ -256,7 +256,7 @@ def test_evaluate_any_module_from_python(tmp_path):
         evaluate(model, (train, test), mpl=False)
 
 
-def test_eval_of_an_interrupted_run_uses_the_checkpoint(tiny_run, tmp_path):
+def test_eval_of_an_interrupted_run_uses_the_checkpoint(tiny_run, tmp_path, monkeypatch):
     import shutil
 
     _, (run, _) = tiny_run
@@ -264,6 +264,10 @@ def test_eval_of_an_interrupted_run_uses_the_checkpoint(tiny_run, tmp_path):
     shutil.copytree(run, cut)
     for name in ("backbone.safetensors", "backbone.json", "eval.json"):
         (cut / name).unlink(missing_ok=True)
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (reads.append(str(f)) if str(f).endswith("last.pt")
+                                                            else None) or real_load(f, *a, **k))
     assert main(["eval", str(cut), "eval.report=false", "eval.lidar_images=0"]) == 0
+    assert reads == [str(cut / "checkpoints/last.pt")]  # the method and its encoder come from one read
     res = json.loads((cut / "eval.json").read_text())
     assert res["knn_top1"] == json.loads((run / "summary.json").read_text())["knn_top1"]  # same weights

@@ -137,7 +137,7 @@ def open_resume(method: str, overrides: list[str]) -> tuple[Config, dict | None]
     checkpoint it continues from (None when the run stopped before its first one), read once.
 
     ``overrides`` hold ``resume=auto`` (with ``out=RUN_DIR``) or ``resume=PATH`` (a checkpoint; the run directory is
-    ``out`` or the checkpoint's run). The trainer prints the changes when it loads the checkpoint. Raises
+    ``out`` or the checkpoint's run). The changes are printed and kept in the state's ``changes``. Raises
     :class:`ConfigError` when there is no run to resume or an override would train a different run.
     """
     pairs = [parse_override(o) for o in overrides]
@@ -256,14 +256,15 @@ def load_run_method(run_dir: str | os.PathLike, cfg: Config, data: DataInfo):
     return method.eval()
 
 
-def load_run_encoder(run_dir: str | os.PathLike, cfg: Config, data: DataInfo, device):
-    """The exported backbone when there is one, else the encoder inside the last checkpoint."""
+def load_run_encoder(run_dir: str | os.PathLike, cfg: Config, data: DataInfo, device, method=None):
+    """The exported backbone when there is one, else the encoder inside the last checkpoint (of ``method`` when the
+    caller has loaded it already with :func:`load_run_method`, so the checkpoint is not read twice)."""
     from selfsup.nn.backbones import load_backbone
 
     run_dir = Path(run_dir)
     if (run_dir / "backbone.safetensors").exists():
         return load_backbone(run_dir, raw=True).to(device)
-    method = load_run_method(run_dir, cfg, data)
+    method = method if method is not None else load_run_method(run_dir, cfg, data)
     if method is None:
         raise FileNotFoundError(f"{run_dir} has neither backbone.safetensors nor {CHECKPOINT} to evaluate")
     return method.exports()["backbone"].to(device).eval()

@@ -73,7 +73,7 @@ def evaluate_run(
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"method": cfg.method}
     if method is None:
         method = load_run_method(run_dir, cfg, info)
-        encoder = load_run_encoder(run_dir, cfg, info, device)
+        encoder = load_run_encoder(run_dir, cfg, info, device, method)
     else:
         encoder = method.exports()["backbone"]
     projector = method.guillotine_head if method is not None else None
