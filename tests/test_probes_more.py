@@ -362,6 +362,22 @@ def test_finetune_rejects_bad_input():
         finetune(encoder, images, labels, images, labels, (0.1,), (0.2,), warmup_fraction=1.0)
 
 
+def test_finetune_train_size_is_a_stratified_seeded_subset():
+    images, labels = bar_images(200, seed=2)
+    encoder = resnet("resnet10", in_chans=1, width=4, stem="small")
+    kw = dict(max_steps=1, batch_size=8, crop_scale=None, flip=False)
+    small = finetune(encoder, images, labels, images[:8], labels[:8], (0.1,), (0.2,), train_size=60, **kw)
+    assert small["protocol"]["n_fit"] + small["protocol"]["n_val"] == 60  # 2 classes of 100: 30 each
+    assert small["protocol"]["n_val"] == 6 and small["protocol"]["train_size"].endswith(": 60")
+    full = finetune(encoder, images, labels, images[:8], labels[:8], (0.1,), (0.2,), **kw)
+    assert full["protocol"]["n_fit"] + full["protocol"]["n_val"] == 200
+    again = finetune(encoder, images, labels, images[:8], labels[:8], (0.1,), (0.2,), train_size=60, **kw)
+    assert again["curve"] == small["curve"]  # the subset and the run are seeded
+    for bad in (0, 201):
+        with pytest.raises(ValueError, match="train_size"):
+            finetune(encoder, images, labels, images, labels, (0.1,), (0.2,), train_size=bad, **kw)
+
+
 def test_finetune_auto_layer_decay_is_0_75_for_vits_only():
     images, labels = bar_images(40, seed=1, size=8)
     vit_run = finetune(tiny_vit(), images, labels, images[:8], labels[:8], (0.1,), (0.2,), max_steps=1)

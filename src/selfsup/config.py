@@ -114,6 +114,7 @@ class EvalConfig:
     linear_aug: bool = False              # linear probe on augmented views: one encoder pass per epoch (slow on CPU)
     finetune: bool = False                # full fine-tuning (§3.5.4; layer-wise lr decay for ViTs): slow on CPU
     finetune_epochs: int = 10
+    finetune_train_size: int = 0          # fine-tune on a class-stratified subset of this many train images (0: all)
     guillotine: bool = True               # probe + RankMe at the backbone and every projector layer (§3.2, Fig. 10)
     label_free: bool = True               # RankMe (eq. 17), alpha-ReQ, spectra (§3.7.2, §2.6.2)
     lidar_images: int = 1000              # LiDAR on this many images x lidar_views augmented views; 0 = off
@@ -396,5 +397,8 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.eval.finetune_train_size < 0:
+        raise ConfigError(f"eval.finetune_train_size must be >= 0 (0: every train image), got "
+                          f"{cfg.eval.finetune_train_size}")
     if cfg.batch_size % cfg.train.accumulate:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by train.accumulate={cfg.train.accumulate}")

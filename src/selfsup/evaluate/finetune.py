@@ -205,6 +205,7 @@ def finetune(
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
     label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
     val_fraction: float = 0.1,
+    train_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     max_steps: int | None = None,
@@ -215,6 +216,8 @@ def finetune(
     Images are uint8 ``(N, C, H, W)`` normalized with ``mean``/``std``. ``layer_decay="auto"`` means 0.75 for a
     ``VisionTransformer`` and ``None`` (one lr) otherwise. ``max_steps`` caps the optimizer steps (the schedule is
     then sized to it), for tests and quick checks; validation runs after every epoch and after the last step.
+    ``train_size`` fine-tunes on a seeded, class-stratified subset of that many train images (fit + val), a
+    low-label fine-tune (cookbook §3.7.1 reports 1% / 10% label fine-tunes) and what fits a CPU budget.
     The run is seeded (head init, batch order, views, drop-path) without changing the global RNG state.
 
     Returns ``top1`` (test), ``val_top1``, ``best_epoch``, ``epochs`` (run), ``steps``, ``lr``, ``layer_decay``,
@@ -235,6 +238,13 @@ def finetune(
     device = torch.device(device)
     train_labels, test_labels = train_labels.long().cpu(), test_labels.long().cpu()
     num_classes = resolve_num_classes(train_labels, test_labels, num_classes)
+    if train_size is not None:
+        if not 0 < train_size <= len(train_labels):
+            raise ValueError(f"train_size must be in [1, {len(train_labels)}] (the train images), got {train_size}; "
+                             "pass None to fine-tune on all of them.")
+        if train_size < len(train_labels):
+            _, kept = stratified_split(train_labels, train_size / len(train_labels), seed)
+            train_images, train_labels = train_images[kept], train_labels[kept]
     fit, val = stratified_split(train_labels, val_fraction, seed)
     if len(val) == 0 or len(fit) < 2:
         raise ValueError(f"val_fraction={val_fraction} of {len(train_labels)} train images leaves a split too "
@@ -287,6 +297,7 @@ def finetune(
                              f"ratio {DEFAULT_RATIO}") + (" + horizontal flip p=0.5" if flip else ""),
             "selection": f"best val top-1 after each epoch on un-augmented stratified {val_fraction:g} of train "
             f"(seed {seed}); test read once, with those weights",
+            "train_size": "all train images" if train_size is None else f"stratified seeded subset: {len(train_labels)}",
             "n_fit": len(fit),
             "n_val": len(val),
             "n_test": int(test_images.shape[0]),
