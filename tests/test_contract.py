@@ -48,6 +48,7 @@ class Toy(Method):
     through the pre-step hook; a running center of the features (a buffer) updated after each step."""
 
     log: list = []  # (where, progress) of every call, for the test to read
+    rows: list = []  # (labels, index) the views of every forward carried
 
     def __init__(self, view_maker):
         super().__init__()
@@ -59,6 +60,7 @@ class Toy(Method):
 
     def forward(self, views: Views, progress: Progress) -> dict:
         Toy.log.append(("forward", progress, views.masks["patches"].clone()))
+        Toy.rows.append((views.labels, views.index))
         m = views.masks["patches"].view(-1, 1, 4, 4).float()
         keep = 1 - nn.functional.interpolate(m, scale_factor=4)  # 16x16 crops, 4x4 patches
         feats = forward_views(self.encoder, [c * keep for c in views.crops])
@@ -86,7 +88,7 @@ def _build(cfg, data):
 @pytest.fixture
 def toy(monkeypatch):
     monkeypatch.setitem(REGISTRY, "toy", MethodEntry("toy", _build, ToyParams, "test", "-", "toy"))
-    Toy.log = []
+    Toy.log, Toy.rows = [], []
     return Toy
 
 
@@ -120,6 +122,13 @@ def test_a_method_with_masks_schedule_hooks_and_a_buffer_runs_under_the_trainer(
     masks = [m for where, _, m in toy.log if where == "forward"]
     assert all(m.shape == (32, 16) and int(m.sum()) == 32 * 8 for m in masks)  # ratio 0.5 of 16 patches
     assert not torch.equal(masks[0], masks[1])  # a new draw every step
+    # the views carry the batch's labels and its rows in the training set (SupCon, NPID's memory bank)
+    train_set, _ = _data()
+    for epoch in range(2):
+        seen = torch.cat([index for _, index in toy.rows[3 * epoch:3 * epoch + 3]])
+        assert sorted(seen.tolist()) == list(range(96))  # every sample once per epoch
+    for labels, index in toy.rows:
+        assert torch.equal(labels, train_set.labels[index])
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert state["method"]["center"].abs().sum() > 0  # the buffer was updated and saved
     # config.yaml records what the view maker says it does, without the trainer reading its internals

@@ -18,6 +18,7 @@ carries it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ class Views:
     ``geometry``: per crop, (B, 5) rows (top, left, height, width, flip): the crop box as fractions of the source
     image and 1.0 for a horizontal flip, for dense methods (VICRegL) — None when a view maker does not record it.
     ``paired``: other modalities of the same samples (CLIP: ``{"text": token ids}``).
+    ``labels``: the samples' class labels when the data has them (SupCon needs them; a self-supervised method must
+    not read them), ``index``: their row numbers in the training set (NPID's memory bank); both (B,) int64, filled
+    by the trainer after the view maker, None when unknown.
     A ``Views`` also reads as the sequence of its crops (``len``, iteration, indexing).
     """
 
@@ -42,6 +46,8 @@ class Views:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     geometry: list[torch.Tensor] | None = None
     paired: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
     def __post_init__(self):
         if not 1 <= self.n_global <= len(self.crops):
@@ -57,7 +63,7 @@ class Views:
 
     def map_crops(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Views:
         """The same views with ``fn`` applied to every crop (e.g. a memory format)."""
-        return Views([fn(c) for c in self.crops], self.n_global, self.masks, self.geometry, self.paired)
+        return dataclasses.replace(self, crops=[fn(c) for c in self.crops])
 
     def __len__(self) -> int:
         return len(self.crops)

@@ -11,6 +11,7 @@ uninterrupted one step for step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -100,8 +101,9 @@ def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config
 
 
 def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool,
-               progress: Progress, clip_grad: float = 0.0):
-    """One optimizer step on this process's uint8 images `x` (labels `y` or None), in `accum` micro-batches.
+               progress: Progress, clip_grad: float = 0.0, index: torch.Tensor | None = None):
+    """One optimizer step on this process's uint8 images `x` (labels `y` or None; `index`, their rows in the training
+    set), in `accum` micro-batches; the views carry each micro-batch's labels and rows (``Views.labels/.index``).
 
     Returns (loss, scalars the method logged, online-probe logs). `model` is `raw` or its DDP wrapper; gradients are
     synchronized only on the last micro-batch; then `raw.before_optimizer_step(progress)`, gradient clipping to a
@@ -112,6 +114,9 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
     for m in range(accum):
         xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
         views = raw.view_maker(xm, gen)
+        part = slice(m * micro, (m + 1) * micro)
+        views = dataclasses.replace(views, labels=None if y is None else y[part].to(device, non_blocking=True),
+                                    index=None if index is None else index[part].to(device, non_blocking=True))
         if channels_last:
             views = views.map_crops(  # image batches only: other modalities' inputs pass through as they are
                 lambda c: c.contiguous(memory_format=torch.channels_last) if c.ndim == 4 else c)
@@ -276,7 +281,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             y = labels[local] if labels is not None else None
             progress = Progress(step, total_steps, steps_per_epoch)
             loss_sum, extra, probe_logs = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp,
-                                                     channels_last, progress, cfg.optim.clip_grad)
+                                                     channels_last, progress, cfg.optim.clip_grad, index=local)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower optim.base_lr, use "
                                          "precision=fp32, or check the data")

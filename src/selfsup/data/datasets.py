@@ -232,7 +232,7 @@ def describe_data(data: ImageDataset, stats_name: str) -> DataInfo:
     ``stats_name`` is the config's ``data.name``) and number of classes."""
     C = data.image_shape[0]
     mean, std = dataset_stats(stats_name, channels=C)
-    return DataInfo("image", data.image_shape, tuple(mean), tuple(std), data.num_classes, data.name)
+    return DataInfo("image", data.image_shape, tuple(mean), tuple(std), data.num_classes, data.name, len(data))
 
 
 

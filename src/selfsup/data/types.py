@@ -20,7 +20,8 @@ class DataInfo:
 
     ``modality``: "image" today ("tabular", "audio", "text", "paired" as they come); ``shape``: one sample, (C, H, W)
     for images; ``mean``/``std``: the per-channel normalization of inputs scaled to [0, 1]; ``num_classes``: None
-    without labels; ``name``: the dataset's name (for messages and records).
+    without labels; ``name``: the dataset's name (for messages and records); ``num_samples``: the training set's size
+    (a memory bank with one row per sample, NPID, needs it; None when unknown).
     """
 
     modality: str
@@ -29,6 +30,7 @@ class DataInfo:
     std: tuple[float, ...]
     num_classes: int | None = None
     name: str = ""
+    num_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.modality == "image":
