@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses.canonical_correlation.swav import sinkhorn_knopp
+
 
 def dino_teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
     """The teacher side of cookbook eq. (12): sg(softmax((f_t(x) - center) / tau_t)), in float32.
@@ -33,28 +35,14 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
 
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
-    """DINOv2's replacement of centering (Oquab et al. 2023, §4; SwAV's Sinkhorn-Knopp, cookbook §2.4 eq. (14)):
-    teacher targets Q as the softmax exp(f_t / tau_t), rescaled so that over the whole batch B (all processes) every
-    prototype gets mass 1/K and every sample 1/B, by ``iterations`` alternate row/column normalizations (DINOv2: 3).
+    """DINOv2's replacement of centering (Oquab et al. 2023, §4): SwAV's Sinkhorn-Knopp
+    (`selfsup.losses.canonical_correlation.sinkhorn_knopp`, the single implementation) with the teacher temperature
+    tau_t in place of SwAV's epsilon, in float32; DINOv2 uses 3 iterations.
 
-    Returns (B_local, K) rows summing to 1 (sharp, and equipartitioned across the batch instead of centered). Row
-    sums over the prototypes are all-reduced, so 2 processes with half batches compute what 1 does with the whole.
+    Returns (B_local, K) targets whose rows sum to 1 and in which every prototype gets mass close to B/K over the
+    whole batch (all processes; exactly B/K once converged): sharp, and equipartitioned instead of centered.
     """
-    from selfsup.distributed import all_reduce_sum_, get_world_size
-
-    logits = teacher_logits.detach().float() / temperature
-    peak = logits.max()
-    if get_world_size() > 1:  # one shift for every process: a per-process shift would scale the halves differently
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    q = torch.exp(logits - peak).t()  # (K, B)
-    k, b = q.shape[0], q.shape[1] * get_world_size()
-    q /= all_reduce_sum_(q.sum())
-    for _ in range(iterations):
-        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # each sample: total mass 1/B
-        q /= b
-    return (q * b).t()
+    return sinkhorn_knopp(teacher_logits.float(), epsilon=temperature, iterations=iterations)
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
