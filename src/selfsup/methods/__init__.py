@@ -2,14 +2,15 @@
 
 Importing this package registers all of them:
 
-- ``metric_learning/``: deep metric learning (§2.2) — SimCLR
+- ``metric_learning/``: deep metric learning (§2.2) — SimCLR, MoCo v2, MoCo v3, NNCLR, DCL/DCLW, SupCon, NPID
 - ``self_distillation/``: self-distillation (§2.3) — BYOL, DINO
+- ``canonical_correlation/``: canonical correlation (§2.4) — VICReg, Barlow Twins, W-MSE, SwAV
 - ``masked_modeling/``: masked image modeling (§2.5) — MAE
 """
 
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
 from selfsup.methods.masked_modeling import mae  # noqa: F401  (registration side effect)
-from selfsup.methods.metric_learning import simclr  # noqa: F401
+from selfsup.methods.metric_learning import dcl, moco_v2, moco_v3, nnclr, npid, simclr, supcon  # noqa: F401
 from selfsup.methods.self_distillation import byol, dino  # noqa: F401
 from selfsup.names import did_you_mean
 

@@ -1,1 +1,1 @@
-"""Deep metric learning (cookbook §2.2): SimCLR; the catalog adds MoCo, NNCLR, DCL."""
+"""Deep metric learning (cookbook §2.2): SimCLR, MoCo v2 and v3, NNCLR, DCL/DCLW, SupCon, NPID."""
