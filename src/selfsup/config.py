@@ -84,6 +84,8 @@ class OptimConfig:
     clip_grad: float = 0.0                # clip the global gradient norm to this (0: off; DINO uses 3.0)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW; MAE uses (0.9, 0.95)
     weight_decay_end: float | None = None  # cosine schedule of the weight decay to this (DINO: 0.04 -> 0.4); None: constant
+    no_decay_lr_scale: float = 1.0        # lr multiplier of the no-decay group (biases, norms); Barlow Twins
+                                          # main.py: 0.0048 / 0.2 = 0.024 (cookbook §3.5.2)
 
 
 @dataclass
@@ -397,6 +399,9 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not cfg.optim.no_decay_lr_scale >= 0:
+        raise ConfigError(f"optim.no_decay_lr_scale must be >= 0 (1 = the same lr as the weights), got "
+                          f"{cfg.optim.no_decay_lr_scale}")
     if cfg.eval.finetune_train_size < 0:
         raise ConfigError(f"eval.finetune_train_size must be >= 0 (0: every train image), got "
                           f"{cfg.eval.finetune_train_size}")

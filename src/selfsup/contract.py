@@ -125,8 +125,9 @@ class Method(nn.Module):
         head = getattr(self, "projector", None)
         return head if isinstance(head, nn.Sequential) else None
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: no weight decay or LARS adaptation on biases, norms and ``no_weight_decay()`` names."""
+    def param_groups(self, weight_decay: float, no_decay_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer groups: no weight decay or LARS adaptation on biases, norms and ``no_weight_decay()`` names,
+        whose lr is the weights' times ``no_decay_lr_scale`` (``optim.no_decay_lr_scale``)."""
         from selfsup.optim import param_groups
 
-        return param_groups(self, weight_decay)
+        return param_groups(self, weight_decay, no_decay_lr_scale)

@@ -37,19 +37,23 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_lr_scale: float = 1.0) -> list[dict]:
     """Two groups: weights (decayed, LARS-adapted) and the ``no_decay_names`` parameters (neither).
 
-    LARS reads the `lars` flag of each group.
+    LARS reads the `lars` flag of each group; `set_lr` gives each group ``lr * lr_scale``: 1 for the weights,
+    ``no_decay_lr_scale`` for the rest (Barlow Twins' main.py: 0.0048 for biases and norms against 0.2 for the
+    weights, i.e. 0.024; cookbook §3.5.2).
     """
+    if not no_decay_lr_scale >= 0:
+        raise ValueError(f"no_decay_lr_scale must be >= 0 (1 = the weights' lr), got {no_decay_lr_scale}")
     skip = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lars": True}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars": True, "lr_scale": 1.0}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False, "lr_scale": no_decay_lr_scale})
     return groups
 
 
@@ -58,6 +62,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     ) -> torch.optim.Optimizer:
     """``name`` (sgd | adamw | lars) over ``groups`` (default: ``param_groups(model, weight_decay)``)."""
     groups = param_groups(model, weight_decay) if groups is None else groups
+    for g in groups:  # the starting lr; the trainer's `set_lr` sets it again before every step
+        if "lr_scale" in g and "lr" not in g:
+            g["lr"] = lr * g["lr_scale"]
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     for g in groups:
@@ -115,8 +122,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr to ``lr`` times its ``lr_scale`` (1 when it has none)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:

@@ -208,7 +208,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         f"precision {amp or 'fp32'}")
     say(f"selfsup: lr = {cfg.optim.base_lr} x {cfg.optim.lr_rule}(batch {cfg.batch_size}) = {lr:.4g} "
         f"({cfg.optim.name}, warmup {cfg.optim.warmup_epochs} epochs, cosine to {cfg.optim.final_lr * lr:.3g}); "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps; run dir {run_dir}")
+        f"{cfg.epochs} epochs x {steps_per_epoch} steps; run dir {run_dir}"
+        + (f"; biases and norms at {cfg.optim.no_decay_lr_scale:g} x lr" if cfg.optim.no_decay_lr_scale != 1 else ""))
 
     model = raw
     if dist.enabled:
@@ -221,8 +222,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         # construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence and
         # overwrite per-step accumulators. BN statistics: SyncBN on CUDA, per process on CPU (rank 0's are saved).
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    groups = raw.param_groups(cfg.optim.weight_decay, cfg.optim.no_decay_lr_scale)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,
-                                betas=tuple(cfg.optim.betas), groups=raw.param_groups(cfg.optim.weight_decay))
+                                betas=tuple(cfg.optim.betas), groups=groups)
     encoder = raw.exports()["backbone"]  # what the online probe, the kNN monitor and the export see
     probe = None
     if labels is not None and cfg.train.online_probe:
