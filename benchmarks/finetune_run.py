@@ -1,7 +1,7 @@
 """Fine-tune a finished run's encoder on a stratified subset of its train split, next to the same architecture
 trained from its random initialization with the same protocol (what the pre-training is worth under fine-tuning).
 
-    python benchmarks/finetune_run.py RUN_DIR [--train-size 6000] [--epochs 10] [--threads 0] [--no-scratch]
+    python benchmarks/finetune_run.py RUN_DIR [--train-size 6000] [--epochs 10] [--lr 5e-4] [--threads 0] [--no-scratch]
 
 Prints one line per model and writes ``finetune_<train-size>.json`` into RUN_DIR. The protocol is
 ``selfsup.evaluate.finetune`` (AdamW, layer decay 0.75 for ViTs, crops + flips, best-val epoch, test read once).
@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: the protocol's, 5e-4)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-scratch", action="store_true", help="skip the randomly initialized baseline")
     a = p.parse_args()
@@ -49,13 +50,14 @@ def main() -> None:
     for name, encoder in encoders.items():
         t0 = time.perf_counter()
         r = finetune(copy.deepcopy(encoder), train.images, train.labels, test.images, test.labels, info.mean,
-                     info.std, epochs=a.epochs, train_size=a.train_size, seed=cfg.seed)
+                     info.std, epochs=a.epochs, train_size=a.train_size, seed=cfg.seed,
+                     **({"lr": a.lr} if a.lr else {}))
         r["seconds"] = round(time.perf_counter() - t0, 1)
         results[name] = r
         print(f"{name}: fine-tune top-1 {r['top1']:.2f}% (val {r['val_top1']:.2f}%, best epoch {r['best_epoch']} of "
               f"{r['epochs']}, {r['protocol']['n_fit']} fit + {r['protocol']['n_val']} val images) in "
               f"{r['seconds']:.0f} s, {cpu_model()}, {torch.get_num_threads()} threads", flush=True)
-    out = Path(a.run_dir) / f"finetune_{a.train_size}.json"
+    out = Path(a.run_dir) / f"finetune_{a.train_size}{f'_lr{a.lr:g}' if a.lr else ''}.json"
     out.write_text(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), **results}, indent=1))
     print(f"wrote {out}")
 

@@ -174,6 +174,7 @@ def test_every_selfsup_name_in_messages_docs_and_readme_exists():
     readme = root.parents[1] / "README.md"
     if readme.is_file():
         texts.append(readme.read_text())
+    texts += [p.read_text() for p in (root.parents[1] / "docs").rglob("*.md")]  # the docs pages, in a checkout
     names = {(m.group(1), m.group(2) == "(") for t in texts for m in re.finditer(r"\bselfsup((?:\.\w+)+)(\(?)", t)}
     assert len(names) > 20
     for dotted, called in sorted(names):
