@@ -77,6 +77,17 @@ def test_method_trains_moves_its_state_and_resumes_exactly(method, tiny_fmnist, 
     assert s["steps"] == 8
 
 
+def test_moco_v2_enqueues_once_per_optimizer_step_under_gradient_accumulation(tiny_fmnist, tmp_path):
+    out = tmp_path / "acc"
+    argv = _argv("moco_v2", tiny_fmnist, out, "train.accumulate=2", "train.max_steps=3", "moco_v2.queue_size=100",
+                 "moco_v2.shuffle_bn_groups=2")
+    assert main(argv) == 0
+    state = _state(out)
+    assert int(state["queue.ptr"]) == 3 * 64 % 100  # 3 steps of 2 micro-batches of 32: 64 keys a step
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["queue_ptr"] for r in records if "queue_ptr" in r] == [64, 28, 92]
+
+
 def test_supcon_without_labels_is_refused_with_a_clear_message():
     cfg = build_config("supcon", [], params_cls=get_method("supcon").params_cls)
     with pytest.raises(ValueError, match="needs labels"):
