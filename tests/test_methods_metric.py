@@ -88,6 +88,19 @@ def test_moco_v2_enqueues_once_per_optimizer_step_under_gradient_accumulation(ti
     assert [r["queue_ptr"] for r in records if "queue_ptr" in r] == [64, 28, 92]
 
 
+def test_moco_v3_keeps_a_vit_patch_projection_random_and_out_of_the_optimizer():
+    overrides = ["model.backbone=vit_tiny", "model.patch_size=4", "views.size=16", "moco_v3.predictor_hidden=32",
+                 "model.projector_hidden=32", "model.projector_out=16"]
+    entry = get_method("moco_v3")
+    m = entry.build(build_config("moco_v3", overrides, params_cls=entry.params_cls), INFO)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("encoder.patch_embed.") or n.startswith("key_") for n in frozen)
+    in_groups = {id(p) for g in m.param_groups(0.1) for p in g["params"]}
+    assert all(id(p) not in in_groups for p in m.encoder.patch_embed.parameters())
+    trainable = build_config("moco_v3", [*overrides, "moco_v3.freeze_patch_embed=false"], params_cls=entry.params_cls)
+    assert all(p.requires_grad for p in entry.build(trainable, INFO).encoder.patch_embed.parameters())
+
+
 def test_supcon_without_labels_is_refused_with_a_clear_message():
     cfg = build_config("supcon", [], params_cls=get_method("supcon").params_cls)
     with pytest.raises(ValueError, match="needs labels"):
