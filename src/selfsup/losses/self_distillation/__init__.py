@@ -7,5 +7,7 @@ from selfsup.losses.self_distillation.dino import (
     koleo_loss,
     sinkhorn_knopp_teacher,
 )
+from selfsup.losses.self_distillation.meanshift import meanshift_loss, meanshift_neighbours
 
-__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "koleo_loss", "renorm", "sinkhorn_knopp_teacher"]
+__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "koleo_loss", "meanshift_loss", "meanshift_neighbours",
+           "renorm", "sinkhorn_knopp_teacher"]
