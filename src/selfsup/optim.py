@@ -121,10 +121,17 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's lr to ``lr`` times its ``lr_scale`` (1 when it has none)."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float | None = None) -> None:
+    """Every group's lr to ``lr`` times its ``lr_scale`` (1 when it has none); groups marked ``"constant_lr": True``
+    take ``peak_lr`` times their ``lr_scale`` instead, whatever the schedule (SimSiam's predictor, Chen and He 2021
+    §4.2 and the reference's ``--fix-pred-lr``: warm-up and decay skip it)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if g.get("constant_lr", False):
+            if peak_lr is None:
+                raise ValueError("a param group has constant_lr=True: pass peak_lr (the schedule's peak) to set_lr")
+            g["lr"] = peak_lr * g.get("lr_scale", 1.0)
+        else:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:

@@ -273,7 +273,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             local = batch[dist.rank * micro_bs * accum:(dist.rank + 1) * micro_bs * accum]
             t0 = time.perf_counter()
             cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
-            set_lr(optimizer, cur_lr)
+            set_lr(optimizer, cur_lr, peak_lr=lr)  # constant_lr groups (SimSiam's predictor) stay at lr
             if cfg.optim.weight_decay_end is not None:  # DINO's cosine weight-decay schedule, no warm-up
                 set_weight_decay(optimizer, warmup_cosine(step, total_steps, 0, cfg.optim.weight_decay,
                                                           cfg.optim.weight_decay_end))

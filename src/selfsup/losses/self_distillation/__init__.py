@@ -7,7 +7,9 @@ from selfsup.losses.self_distillation.dino import (
     koleo_loss,
     sinkhorn_knopp_teacher,
 )
+from selfsup.losses.self_distillation.directpred import directpred_predictor, update_correlation
 from selfsup.losses.self_distillation.meanshift import meanshift_loss, meanshift_neighbours
+from selfsup.losses.self_distillation.simsiam import simsiam_loss
 
-__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "koleo_loss", "meanshift_loss", "meanshift_neighbours",
-           "renorm", "sinkhorn_knopp_teacher"]
+__all__ = ["byol_loss", "dino_loss", "dino_teacher_probs", "directpred_predictor", "koleo_loss", "meanshift_loss",
+           "meanshift_neighbours", "renorm", "simsiam_loss", "sinkhorn_knopp_teacher", "update_correlation"]

@@ -1,1 +1,1 @@
-"""Self-distillation (cookbook §2.3): BYOL, DINO, MeanShift; the catalog adds SimSiam, iBOT, MSN."""
+"""Self-distillation (cookbook §2.3): BYOL, DINO, SimSiam, DirectPred, MeanShift; the catalog adds iBOT, MSN."""
