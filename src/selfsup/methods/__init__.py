@@ -12,7 +12,14 @@ from selfsup.methods import canonical_correlation  # noqa: F401  (registration s
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
 from selfsup.methods.masked_modeling import mae  # noqa: F401
 from selfsup.methods.metric_learning import dcl, moco_v2, moco_v3, nnclr, npid, simclr, supcon  # noqa: F401
-from selfsup.methods.self_distillation import byol, dino, directpred, meanshift, simsiam  # noqa: F401
+from selfsup.methods.self_distillation import (  # noqa: F401
+    byol,
+    deepcluster_v2,
+    dino,
+    directpred,
+    meanshift,
+    simsiam,
+)
 from selfsup.names import did_you_mean
 
 

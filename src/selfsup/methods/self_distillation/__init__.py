@@ -1,1 +1,2 @@
-"""Self-distillation (cookbook §2.3): BYOL, DINO, SimSiam, DirectPred, MeanShift; the catalog adds iBOT, MSN."""
+"""Self-distillation (cookbook §2.3): BYOL, DINO, SimSiam, DirectPred, MeanShift, DeepCluster-v2; the catalog adds
+iBOT, MSN."""
