@@ -18,6 +18,7 @@ from selfsup.methods.self_distillation import (  # noqa: F401
     dino,
     directpred,
     meanshift,
+    msn,
     simsiam,
 )
 from selfsup.names import did_you_mean

@@ -1,2 +1,2 @@
-"""Self-distillation (cookbook §2.3): BYOL, DINO, SimSiam, DirectPred, MeanShift, DeepCluster-v2; the catalog adds
-iBOT, MSN."""
+"""Self-distillation (cookbook §2.3): BYOL, DINO, SimSiam, DirectPred, MeanShift, MSN (with prior matching),
+DeepCluster-v2; the catalog adds iBOT."""
