@@ -3,11 +3,11 @@ canonical-correlation loss (cookbook §3.8.1, DESIGN.md §3). One spawn runs the
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import _free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup.losses.canonical_correlation import (
@@ -26,11 +26,6 @@ from selfsup.losses.canonical_correlation import (
 TOL = 1e-8
 WORLD, BATCH, QUEUE = 2, 16, 6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():

@@ -6,12 +6,12 @@ detects a missing gather. TOL = 1e-9 in float64 (summation order only; a missing
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_distributed import _free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup.losses.metric_learning import (
@@ -31,11 +31,6 @@ from selfsup.losses.metric_learning import (
 TOL = 1e-9
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():

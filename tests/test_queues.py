@@ -2,13 +2,13 @@
 2-process run with a 1-process run on the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_distributed import _free_port
 
 from selfsup.nn.queues import FeatureQueue, MemoryBank
 
@@ -70,11 +70,6 @@ def test_memory_bank_update_follows_its_formula():
     with pytest.raises(ValueError, match="Views.index"):
         bank.stage(None, torch.randn(1, 3))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _steps():
