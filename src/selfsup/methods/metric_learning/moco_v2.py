@@ -55,7 +55,7 @@ class MoCoV2(Method):
         crops = [views.crops[q] for q, _ in directions]
         feats = forward_views(self.encoder, crops)
         queries = forward_views(self.projector, feats)
-        negatives = self.queue.filled().clone()  # this step's negatives: the keys of earlier steps only
+        negatives = self.queue.filled()  # the keys of earlier steps: commit() writes only after the step
         loss = 0.0
         for (_, k), q in zip(directions, queries):
             key = self._keys(views.crops[k], progress, k)
