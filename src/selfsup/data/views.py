@@ -23,7 +23,7 @@ import torch
 from selfsup.config import to_plain
 from selfsup.contract import Views
 from selfsup.data.augment import Augment, AugmentConfig, config_field_names, to_float01
-from selfsup.data.masking import random_mask
+from selfsup.data.masking import block_mask, random_mask
 from selfsup.names import did_you_mean
 
 VIEW_KINDS = ("simclr", "byol", "multicrop")
@@ -104,6 +104,44 @@ class RandomMaskViews:
 
     def describe(self) -> list[dict]:
         return [{**d, "mask": "random", "mask_ratio": self.ratio} for d in self.inner.describe()]
+
+    def global_views(self) -> MultiView:
+        return self.inner.global_views()
+
+
+class BlockMaskViews:
+    """A view maker plus iBOT's block-wise masks of every global crop (Zhou et al. 2022; BEiT's Alg. 1 through
+    :func:`selfsup.data.masking.block_mask`), drawn with the batch from the same generator:
+    ``masks["block"]`` (n_global, B, N) bool, True where the student sees the mask token.
+
+    Each global crop of each sample is masked with probability ``probability`` and then with a ratio drawn from
+    U(``ratio``); the others stay whole. iBOT's release scripts (``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``,
+    loader.py ``random.choice``) give probability 0.5 and ratio U(0.1, 0.5).
+    """
+
+    def __init__(self, inner: MultiView, grid: tuple[int, int], ratio: tuple[float, float] = (0.1, 0.5),
+                 probability: float = 0.5, min_block: int | None = None):
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"the masking probability must be in [0, 1], got {probability}")
+        self.inner, self.grid, self.ratio, self.probability = inner, tuple(grid), tuple(ratio), probability
+        # iBOT's loader.py: the smallest block is (min(h, w) // 3) ** 2 patches (16 on 14x14, 1 on 4x4)
+        self.min_block = min_block if min_block is not None else max(1, (min(grid) // 3) ** 2)
+        self.n_global = inner.n_global
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
+        views = self.inner(batch, generator)
+        b, device = batch.shape[0], views.crops[0].device
+        masks = []
+        for _ in range(views.n_global):
+            m = block_mask(b, self.grid, self.ratio, generator, min_block=self.min_block)
+            chosen = torch.rand(b, generator=generator, device=m.device) < self.probability
+            masks.append(m & chosen[:, None])
+        views.masks["block"] = torch.stack(masks).to(device)
+        return views
+
+    def describe(self) -> list[dict]:
+        mask = {"mask": "block", "mask_ratio": list(self.ratio), "mask_probability": self.probability}
+        return [{**d, **mask} if i < self.n_global else d for i, d in enumerate(self.inner.describe())]
 
     def global_views(self) -> MultiView:
         return self.inner.global_views()

@@ -3,7 +3,7 @@
 Importing this package registers all of them:
 
 - ``metric_learning/``: deep metric learning (§2.2) — SimCLR, MoCo v2, MoCo v3, NNCLR, DCL/DCLW, SupCon, NPID
-- ``self_distillation/``: self-distillation (§2.3) — BYOL, DINO
+- ``self_distillation/``: self-distillation (§2.3) — BYOL, DINO, iBOT, SimSiam, DirectPred, MeanShift, DeepCluster-v2, MSN
 - ``canonical_correlation/``: canonical correlation (§2.4) — VICReg, Barlow Twins, W-MSE, SwAV
 - ``masked_modeling/``: masked image modeling (§2.5) — MAE
 """
@@ -17,6 +17,7 @@ from selfsup.methods.self_distillation import (  # noqa: F401
     deepcluster_v2,
     dino,
     directpred,
+    ibot,
     meanshift,
     msn,
     simsiam,

@@ -13,8 +13,9 @@ from selfsup.nn.backbones import build_backbone
 from selfsup.nn.heads import projector
 
 
-def make_backbone(cfg: Config, data: DataInfo) -> nn.Module:
-    """The image encoder of ``model.*`` for samples of ``data.shape`` (a ViT's positions follow ``views.size``)."""
+def make_backbone(cfg: Config, data: DataInfo, **vit_options) -> nn.Module:
+    """The image encoder of ``model.*`` for samples of ``data.shape`` (a ViT's positions follow ``views.size``).
+    ``vit_options`` go to a ViT only (e.g. ``mask_token=True`` for a method that feeds it masks)."""
     if data.modality != "image":
         raise ValueError(f"model.backbone={cfg.model.backbone!r} is an image backbone; the data is {data.modality}")
     m, in_chans = cfg.model, data.channels
@@ -22,7 +23,7 @@ def make_backbone(cfg: Config, data: DataInfo) -> nn.Module:
         return build_backbone(m.backbone, in_chans=in_chans, width=m.width, stem=m.stem)
     if m.backbone.startswith("vit"):
         return build_backbone(m.backbone, in_chans=in_chans, img_size=cfg.views.size, patch_size=m.patch_size,
-                              pool=m.pool)
+                              pool=m.pool, **vit_options)
     return build_backbone(m.backbone, in_chans=in_chans)
 
 

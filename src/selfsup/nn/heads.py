@@ -6,6 +6,8 @@
 - ``predictor``: BYOL's (Grill et al., 2020) Linear -> BN -> ReLU -> Linear, i.e. a 2-layer projector.
 - ``DINOHead``: DINO's (Caron et al., 2021) 3-layer GELU MLP to a 256-d bottleneck, l2-normalisation, then a
   weight-normalised linear layer to K prototypes whose norm is frozen at 1 (``norm_last_layer``).
+- ``IBOTHead``: iBOT's (Zhou et al., 2022) DINO head applied to the [CLS] token and to every patch token, with
+  the patch tokens' prototypes shared with the [CLS] ones or separate.
 """
 
 from __future__ import annotations
@@ -84,3 +86,44 @@ class DINOHead(nn.Module):
         z = F.normalize(self.mlp(x), dim=-1)
         logits = F.linear(z, F.normalize(self.prototypes, dim=-1))
         return logits if self.gain is None else logits * self.gain
+
+
+class IBOTHead(nn.Module):
+    """iBOT's head (models/head.py ``iBOTHead``): one DINO MLP and bottleneck for all tokens, then the [CLS]
+    prototypes for the [CLS] token and, for the patch tokens, the same prototypes (``shared=True``; iBOT's release
+    runs: ``--shared_head true``) or their own ``patch_out_dim`` prototypes.
+
+    ``forward(tokens)`` with tokens (B, 1+N, D), [CLS] first, returns ((B, K) [CLS] logits, (B, N, K') patch
+    logits); a (B, D) input (a local crop's [CLS] only) returns the (B, K) logits alone. No BN: iBOT's ViT heads
+    use none (``--norm_in_head None``), and a token axis would need a different one.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int = 8192, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, shared: bool = True):
+        super().__init__()
+        self.cls = DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+        self.shared = shared
+        if shared and patch_out_dim != out_dim:
+            raise ValueError(f"a shared head has one set of prototypes: patch_out_dim={patch_out_dim} must equal "
+                             f"out_dim={out_dim} (or use separate heads)")
+        self.patch_prototypes = None if shared else nn.Parameter(torch.empty(patch_out_dim, bottleneck_dim))
+        if self.patch_prototypes is not None:
+            nn.init.trunc_normal_(self.patch_prototypes, std=0.02)
+        self.patch_gain = None if shared or norm_last_layer else nn.Parameter(torch.ones(patch_out_dim))
+
+    @property
+    def last_layer(self) -> list[nn.Parameter]:
+        """The prototype parameters iBOT freezes in its first epoch (``--freeze_last_layer``)."""
+        return [p for p in (self.cls.prototypes, self.cls.gain, self.patch_prototypes, self.patch_gain)
+                if p is not None]
+
+    def forward(self, x: torch.Tensor):
+        if x.ndim == 2:
+            return self.cls(x)
+        z = F.normalize(self.cls.mlp(x), dim=-1)
+        cls_logits = F.linear(z[:, 0], F.normalize(self.cls.prototypes, dim=-1))
+        if self.cls.gain is not None:
+            cls_logits = cls_logits * self.cls.gain
+        protos, gain = (self.cls.prototypes, self.cls.gain) if self.shared else (self.patch_prototypes, self.patch_gain)
+        patch_logits = F.linear(z[:, 1:], F.normalize(protos, dim=-1))
+        return cls_logits, patch_logits if gain is None else patch_logits * gain

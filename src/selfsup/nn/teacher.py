@@ -20,6 +20,14 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: flo
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def warmup_temperature(epoch: int, start: float, end: float, warmup_epochs: int) -> float:
+    """A teacher temperature warmed up linearly from ``start`` to ``end`` over the first ``warmup_epochs`` epochs,
+    then constant: DINO's and iBOT's ``np.linspace(start, end, warmup_epochs)[epoch]`` (0-based ``epoch``)."""
+    if epoch >= warmup_epochs:
+        return end
+    return start + (end - start) * epoch / max(warmup_epochs - 1, 1)
+
+
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen deep copy of `student`: same weights at step 0, never receives gradients."""
     teacher = copy.deepcopy(student)

@@ -30,7 +30,7 @@ from selfsup.losses.self_distillation import dino_loss, dino_teacher_probs, kole
 from selfsup.methods.base import Method, Progress, Views, forward_views, register
 from selfsup.methods.common import make_backbone, make_views
 from selfsup.nn.heads import DINOHead
-from selfsup.nn.teacher import cosine_momentum, ema_update, make_teacher
+from selfsup.nn.teacher import cosine_momentum, ema_update, make_teacher, warmup_temperature
 
 
 @dataclass
@@ -66,10 +66,7 @@ class DINO(Method):
     def teacher_temperature(self, epoch: int) -> float:
         """Linear warm-up from `warmup_teacher_temp` to `teacher_temp` over the first epochs, then constant."""
         p = self.p
-        if epoch >= p.warmup_teacher_temp_epochs:
-            return p.teacher_temp
-        return p.warmup_teacher_temp + (p.teacher_temp - p.warmup_teacher_temp) * epoch / max(
-            p.warmup_teacher_temp_epochs - 1, 1)
+        return warmup_temperature(epoch, p.warmup_teacher_temp, p.teacher_temp, p.warmup_teacher_temp_epochs)
 
     def forward(self, views: Views, progress: Progress) -> dict:
         feats = forward_views(self.encoder, views.crops)
