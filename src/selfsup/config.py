@@ -35,6 +35,8 @@ class DataConfig:
     download: bool = True
     verify: bool = True                   # check official files against their published md5 (CIFAR); false for
                                           # your own files in an official format
+    imbalance_ratio: float = 1.0          # > 1: train on a power-law class-imbalanced subset of the train split
+                                          # (largest / smallest class; selfsup.data.imbalance); the test split stays
 
 
 @dataclass

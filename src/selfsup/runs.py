@@ -23,6 +23,7 @@ import yaml
 
 from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
 from selfsup.data.datasets import ImageDataset, load_dataset
+from selfsup.data.imbalance import power_law_subset
 from selfsup.data.types import DataInfo
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -276,6 +277,11 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
     kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify,
               image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
     train = load_dataset(d.name, d.train_split, **kw)
+    if d.imbalance_ratio != 1.0:
+        train = power_law_subset(train, d.imbalance_ratio, cfg.seed)
+        sizes = torch.bincount(train.labels, minlength=train.num_classes or 0).tolist()
+        print(f"selfsup: data.imbalance_ratio={d.imbalance_ratio:g}: training on {len(train)} images, class sizes "
+              f"{sizes} (the test split is unchanged)", flush=True)
     if not d.test_split or train.labels is None:
         return train, None
     if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
