@@ -90,7 +90,7 @@ def test_decoder_position_embedding_is_fixed_and_distinct():
 
 
 def test_mae_needs_a_vit(tiny_fmnist, tmp_path, capsys):
-    assert main(_args("mae", tiny_fmnist, tmp_path / "r", *SMALL, "model.backbone=resnet10")) == 1
+    assert main(_args("mae", tiny_fmnist, tmp_path / "r", *SMALL, "model.backbone=resnet10")) == 2  # config error
     assert "needs a ViT" in capsys.readouterr().err
 
 

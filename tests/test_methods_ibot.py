@@ -286,3 +286,8 @@ def test_ibot_refuses_bad_params_with_a_clear_message(overrides, match):
     cfg = build_config("ibot", ["batch_size=8", *SMALL, *overrides], params_cls=entry.params_cls)
     with pytest.raises(ValueError, match=match):
         entry.build(cfg, DataInfo("image", (1, 16, 16), (0.5,), (0.5,)))
+
+
+def test_a_bad_parameter_found_at_build_time_exits_2_like_any_config_error(tiny_fmnist, tmp_path, capsys):
+    assert main(_argv(tiny_fmnist, tmp_path / "r", "ibot.mask_probability=2")) == 2
+    assert "config error: ibot.mask_probability=2.0 must be in [0, 1]" in capsys.readouterr().err

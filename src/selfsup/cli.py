@@ -92,6 +92,9 @@ def cmd_train(args) -> int:
     except DataError as e:
         print(f"selfsup: data error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # a method's own parameter check, made when it is built (after the data is read)
+        print(f"selfsup: config error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as e:
         if os.environ.get("SELFSUP_DEBUG"):
             raise

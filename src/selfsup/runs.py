@@ -236,7 +236,12 @@ def build_method(cfg: Config, data: DataInfo):
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
     torch.manual_seed(cfg.seed)
-    return entry.build(cfg, data)
+    try:
+        return entry.build(cfg, data)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a method checks its parameters against each other and the data when it is built
+        raise ConfigError(str(e)) from e
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Config:
