@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
@@ -40,7 +42,7 @@ RUNS = {
 SKIP_EVAL = ["data.test_split=null", "train.knn_every=0"]  # no evaluation on the imbalanced split
 BALANCED_EVAL = ["data=fashion_mnist", "eval.mlp=false", "eval.rotation=false", "eval.lidar_images=0",
                  "eval.label_free=false", "eval.guillotine=false", "eval.report=false", "eval.init_baseline=false"]
-COLUMNS = ["run", "method", "prior", "kNN", "linear", "steps", "epochs", "minutes", "date", "commit", "CPU"]
+COLUMNS = ["run", "method", "prior", "seed", "kNN", "linear", "steps", "minutes", "date", "commit", "CPU"]
 
 
 def run(label: str, out: Path, ratio: float, epochs: int, extra: list[str]) -> dict:
@@ -65,7 +67,7 @@ def run(label: str, out: Path, ratio: float, epochs: int, extra: list[str]) -> d
     meta = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
     prior = next((o.split("=", 1)[1] for o in overrides if o.startswith("msn.prior=")), "–")
     return {"run": label, "method": method, "prior": prior, "knn": e.get("knn_top1"), "linear": e.get("linear_top1"),
-            "steps": s.get("steps"), "epochs": s.get("epochs_done", s.get("epochs")), **meta}
+            "seed": yaml.safe_load((out / "config.yaml").read_text()).get("seed"), "steps": s.get("steps"), **meta}
 
 
 def table(rows: list[dict], ratio: float) -> str:
@@ -76,8 +78,8 @@ def table(rows: list[dict], ratio: float) -> str:
              "split) on the 10k test split.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [r["run"], r["method"], r["prior"], _num(r["knn"]), _num(r["linear"]), str(r["steps"]),
-                 str(r["epochs"]), str(r.get("wall_minutes", "?")), r.get("date", "?"), r.get("commit", "?"),
+        cells = [r["run"], r["method"], r["prior"], str(r["seed"]), _num(r["knn"]), _num(r["linear"]), str(r["steps"]),
+                 str(r.get("wall_minutes", "?")), r.get("date", "?"), r.get("commit", "?"),
                  r.get("cpu", "?")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
