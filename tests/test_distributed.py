@@ -19,6 +19,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_tiny_data(rank: int, world: int, port: int):
+    """For a spawned worker: the environment torchrun would set (the trainer joins the gloo group from it), one
+    thread, and 64 tiny 16x16 images of 4 classes with their DataInfo (the methods' 2-process state tests)."""
+    from selfsup.data.datasets import from_arrays
+    from selfsup.data.types import DataInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    x = (torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    return from_arrays(x, torch.arange(64) % 4, name="tiny/train"), DataInfo("image", (1, 16, 16), (0.5,), (0.5,), 4,
+                                                                            "tiny", 64)
+
+
 def _data():
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)

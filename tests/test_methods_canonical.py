@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import _free_port
+from test_distributed import _ddp_tiny_data, _free_port
 from test_train import tiny
 from torch import nn
 
@@ -291,15 +291,9 @@ def _queue_check(rank, out_dir):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    from selfsup.data.datasets import from_arrays
     from selfsup.train import train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    x = (torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    data = from_arrays(x, torch.arange(64) % 4, name="tiny/train")
-    info = DataInfo("image", (1, 16, 16), (0.5,), (0.5,), 4, "tiny", 64)
+    data, info = _ddp_tiny_data(rank, world, port)
     for method in DDP_CASES:
         cfg = _cfg(method, *_ddp_argv(method, os.path.join(out_dir, method)))
         torch.manual_seed(0)

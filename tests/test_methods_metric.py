@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import _free_port
+from test_distributed import _ddp_tiny_data, _free_port
 from test_train import tiny
 from torch import nn
 
@@ -158,15 +158,9 @@ def test_shuffled_bn_on_two_processes_equals_one(tmp_path):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    from selfsup.data.datasets import from_arrays
     from selfsup.train import train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    x = (torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    data = from_arrays(x, torch.arange(64) % 4, name="tiny/train")
-    info = DataInfo("image", (1, 16, 16), (0.5,), (0.5,), 4, "tiny", 64)
+    data, info = _ddp_tiny_data(rank, world, port)
     for method in ("moco_v2", "nnclr", "npid"):
         argv = _argv(method, "unused", os.path.join(out_dir, method), "batch_size=16", "train.max_steps=5",
                      "train.online_probe=false", *(["moco_v2.shuffle_bn_groups=2"] if method == "moco_v2" else []))
