@@ -6,13 +6,18 @@ around the whole command. A run directory that already holds a ``summary.json`` 
 list can be resumed and rows can be produced one at a time (``--runs``). Not a test: each run takes 10-60 minutes on
 a 2-core CPU. Time nothing else on the same cores.
 
+``--jobs N`` trains N runs at once (each run's output goes to its ``train.log``): for a GPU, where one small run
+leaves the card mostly idle. Their minutes are then the cost of sharing the card with N-1 others, and the machine
+column names the GPU (``torch.cuda.get_device_name``) instead of the CPU when the runs used CUDA.
+
     python benchmarks/catalog.py --runs simclr:default moco_v2:default vicreg:default [--out runs/catalog]
-        [--table docs/results/fashion_mnist.md] [--threads 0] [-- extra overrides for every run]
+        [--table docs/results/fashion_mnist.md] [--threads 0] [--jobs 1] [-- extra overrides for every run]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -43,18 +48,34 @@ def commit() -> str:
         return "unknown"
 
 
-def run(method: str, recipe: str, out: Path, extra: list[str]) -> dict:
-    """Train (unless ``out`` holds a finished run) and return the summary with ``wall_minutes``."""
+def machine(summary: dict) -> str:
+    """The CPU model, or the GPU's name for a run that trained on CUDA."""
+    if str(summary.get("device", "cpu")).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return cpu_model()
+
+
+def run(method: str, recipe: str, out: Path, extra: list[str], log: Path | None = None) -> dict:
+    """Train (unless ``out`` holds a finished run) and return the summary with ``wall_minutes``.
+
+    ``log``: a file for the run's output (parallel runs), else this process's stdout."""
     done = out / "summary.json"
     if not done.exists():
         cmd = [sys.executable, "-m", "selfsup", "train", method, f"recipe={recipe}", f"out={out}", *extra]
         print("$", " ".join(cmd), flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        if log is None:
+            subprocess.run(cmd, check=True)
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as f:
+                subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
         wall = (time.time() - t0) / 60
         s = json.loads(done.read_text())
         s.update(wall_minutes=round(wall, 1), date=datetime.date.today().isoformat(), commit=commit(),
-                 cpu=cpu_model())
+                 cpu=machine(s))
         done.write_text(json.dumps(s, indent=1))
     return json.loads(done.read_text())
 
@@ -101,17 +122,36 @@ def main() -> None:
     p.add_argument("--out", default="runs/catalog")
     p.add_argument("--table", default=str(HERE.parent / "docs/results/fashion_mnist.md"))
     p.add_argument("--threads", type=int, default=0, help="train.num_threads for every run (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (output in each run's train.log)")
     p.add_argument("extra", nargs="*", help="overrides for every run (after --)")
     a = p.parse_args()
     extra = list(a.extra) + ([f"train.num_threads={a.threads}"] if a.threads else [])
-    rows = []
+    specs = []
     for spec in a.runs:
         method, _, recipe = spec.partition(":")
-        s = run(method, recipe or "default", Path(a.out) / f"{method}-{recipe or 'default'}", extra)
+        specs.append((method, recipe or "default", Path(a.out) / f"{method}-{recipe or 'default'}"))
+    rows, failed = [], []
+
+    def finish(s: dict) -> None:
         rows.append(row(s))
         print("| " + " | ".join(rows[-1]) + " |", flush=True)
         write_table(rows, Path(a.table))  # after every run: a stopped benchmark keeps its finished rows
-    print(f"wrote {a.table}")
+
+    if a.jobs <= 1:
+        for method, recipe, out in specs:
+            finish(run(method, recipe, out, extra))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+            futures = {pool.submit(run, m, r, o, extra, o / "train.log"): f"{m}:{r}" for m, r, o in specs}
+            for fut in concurrent.futures.as_completed(futures):
+                try:
+                    finish(fut.result())
+                except subprocess.CalledProcessError as e:  # one failed run keeps the others' rows
+                    failed.append(futures[fut])
+                    print(f"FAILED {futures[fut]} (exit {e.returncode}); see its train.log", flush=True)
+    print(f"wrote {a.table}" + (f"; failed: {' '.join(failed)}" if failed else ""))
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
