@@ -2,7 +2,8 @@
 Markdown table (kNN, linear, MLP probe, RankMe, minutes, date, commit, CPU model) into the docs.
 
 Each run is a plain ``selfsup train METHOD recipe=RECIPE`` (training + the standard evaluation); minutes are measured
-around the whole command. A run directory that already holds a ``summary.json`` is reused, not retrained, so a long
+around the whole command. A run directory whose ``summary.json`` holds the evaluation is reused, not retrained (one
+with checkpoints but no evaluation resumes with ``resume=auto``), so a long
 list can be resumed and rows can be produced one at a time (``--runs``). Not a test: each run takes 10-60 minutes on
 a 2-core CPU. Time nothing else on the same cores.
 
@@ -62,7 +63,8 @@ def run(method: str, recipe: str, out: Path, extra: list[str], log: Path | None 
 
     ``log``: a file for the run's output (parallel runs), else this process's stdout."""
     done = out / "summary.json"
-    if not done.exists():
+    if not (done.exists() and "eval_seconds" in json.loads(done.read_text())):  # trained and evaluated
+        extra = [*extra, "resume=auto"] if (out / "checkpoints").exists() else extra  # a stopped run goes on
         cmd = [sys.executable, "-m", "selfsup", "train", method, f"recipe={recipe}", f"out={out}", *extra]
         print("$", " ".join(cmd), flush=True)
         t0 = time.time()
@@ -74,6 +76,8 @@ def run(method: str, recipe: str, out: Path, extra: list[str], log: Path | None 
                 subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
         wall = (time.time() - t0) / 60
         s = json.loads(done.read_text())
+        if len(s.get("segments", [])) > 1:  # resumed: this command's wall time misses the earlier segments
+            wall = (s["train_seconds"] + s.get("eval_seconds", 0)) / 60
         s.update(wall_minutes=round(wall, 1), date=datetime.date.today().isoformat(), commit=commit(),
                  cpu=machine(s))
         done.write_text(json.dumps(s, indent=1))
