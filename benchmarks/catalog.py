@@ -1,5 +1,5 @@
 """The catalog benchmark: train methods with their Fashion-MNIST recipes, evaluate them the same way, and write one
-Markdown table (kNN, linear, MLP probe, RankMe, minutes, date, commit, CPU model) into the docs.
+Markdown table (kNN, linear, MLP probe, RankMe, minutes, date, commit, CPU or GPU model) into the docs.
 
 Each run is a plain ``selfsup train METHOD recipe=RECIPE`` (training + the standard evaluation); minutes are measured
 around the whole command. A run directory whose ``summary.json`` holds the evaluation is reused, not retrained (one
@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from selfsup.runtime import cpu_model  # noqa: E402
 
 FLOORS = {"knn_top1": 86.2, "linear_top1": 84.5}  # pixel floors on Fashion-MNIST (DESIGN.md §4)
-COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "RankMe", "minutes", "epochs", "date", "commit", "CPU"]
+COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "RankMe", "minutes", "epochs", "date", "commit", "machine"]
 
 
 def commit() -> str:

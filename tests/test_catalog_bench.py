@@ -1,0 +1,69 @@
+"""benchmarks/catalog.py: which runs it retrains or resumes, and the table it merges rows into."""
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("catalog", Path(__file__).parents[1] / "benchmarks" / "catalog.py")
+catalog = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(catalog)
+
+_EVALUATED = {"method": "dcl", "recipe": "default", "knn_top1": 84.79, "linear_top1": 87.47, "mlp_top1": 89.81,
+              "rankme": 88.58, "epochs_done": 12, "segments": [{}], "train_seconds": 500.0, "eval_seconds": 60.0,
+              "device": "cpu"}
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Record the `selfsup train` commands instead of running them; each 'run' writes an evaluated summary."""
+    calls = []
+
+    def fake_run(cmd, check, **kw):
+        calls.append(cmd)
+        out = Path(next(a for a in cmd if a.startswith("out=")).split("=", 1)[1])
+        s = dict(_EVALUATED, segments=[{}, {}] if "resume=auto" in cmd else [{}])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(s))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(catalog.subprocess, "run", fake_run)
+    monkeypatch.setenv("SELFSUP_COMMIT", "abc1234")  # commit() would ask git
+    return calls
+
+
+def test_an_evaluated_run_is_reused(tmp_path, fake_train):
+    (tmp_path / "summary.json").write_text(json.dumps(_EVALUATED))
+    assert catalog.run("dcl", "default", tmp_path, [])["knn_top1"] == 84.79
+    assert fake_train == []
+
+
+def test_a_run_stopped_in_its_evaluation_resumes(tmp_path, fake_train):
+    """A summary without the evaluation (training finished, evaluation killed) is not a result: the run resumes
+    from its checkpoints, and its minutes are the sum of its segments, not the last command's wall time."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in _EVALUATED.items()
+                                                       if k not in ("knn_top1", "eval_seconds")}))
+    s = catalog.run("dcl", "default", tmp_path, ["train.num_threads=1"])
+    assert len(fake_train) == 1 and "resume=auto" in fake_train[0]
+    assert s["wall_minutes"] == round((500 + 60) / 60, 1)  # stored rounded to 0.1 min
+
+
+def test_a_fresh_run_trains_without_resume(tmp_path, fake_train):
+    catalog.run("dcl", "default", tmp_path / "new", [], log=tmp_path / "new" / "train.log")
+    assert len(fake_train) == 1 and "resume=auto" not in fake_train[0]
+
+
+def test_rows_merge_into_the_table_and_mark_the_floors(tmp_path):
+    table = tmp_path / "t.md"
+    catalog.write_table([catalog.row(dict(_EVALUATED, wall_minutes=9.5, cpu="X"))], table)
+    catalog.write_table([catalog.row(dict(_EVALUATED, method="vicreg", knn_top1=86.84, wall_minutes=70.6, cpu="X"))],
+                        table)
+    catalog.write_table([catalog.row(dict(_EVALUATED, knn_top1=86.3, wall_minutes=30.0, cpu="X"))], table)  # newer
+    lines = [ln for ln in table.read_text().splitlines() if ln.startswith("| ") and "method" not in ln]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["dcl", "vicreg"]
+    assert "86.30 |" in lines[0] and "✗" not in lines[0].split("|")[3]   # the newer dcl row replaced the old one
+    lines = [catalog.row(dict(_EVALUATED, knn_top1=86.1, linear_top1=84.4, wall_minutes=1, cpu="X"))]
+    assert lines[0][2] == "86.10 ✗" and lines[0][3] == "84.40 ✗"
