@@ -10,6 +10,7 @@ Patches are numbered in raster order, ``index = row * w + col`` on an (h, w) gri
 or replaced by the mask token); ``keep`` holds the visible indices, ascending, for the ViT's token dropping.
 
 - :func:`random_mask`: MAE's per-sample uniform shuffle (He et al. 2022), fixed count -> token dropping.
+- :func:`group_mask`: SimMIM's random masking of square groups of patches (Xie et al. 2022) -> mask tokens.
 - :func:`block_mask`: BEiT's block-wise masking (Bao et al. 2022, Alg. 1), used by iBOT with a per-image ratio
   (Zhou et al. 2022) -> variable count, fed as mask tokens (``VisionTransformer.forward_features(masks=...)``).
 - :func:`multi_block_mask`: I-JEPA's context block and target blocks (Assran et al. 2023).
@@ -27,6 +28,7 @@ import torch
 MAE_MASK_RATIO = 0.75  # He et al. 2022, masking-ratio ablation: 75% of patches removed
 BEIT_MASK_RATIO = 0.4  # Bao et al. 2022, §2.3 and Alg. 1: "0.4N"
 IBOT_MASK_RATIO = (0.1, 0.5)  # Zhou et al. 2022; release scripts: --pred_ratio 0 0.3 --pred_ratio_var 0 0.2
+SIMMIM_MASK_RATIO = 0.6  # Xie et al. 2022, Table 1 / configs: MASK_RATIO 0.6 with 32-pixel mask patches
 VIDEOMAE_MASK_RATIO = 0.9  # Tong et al. 2022, tube masking with an "extremely high" 90% ratio
 
 
@@ -161,6 +163,43 @@ def random_mask(
     mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     mask.scatter_(1, shuffle[:, num_keep:], True)
     return _fixed_count_mask(mask, num_keep)
+
+
+# --------------------------------------------------------------------------------------------- SimMIM
+
+
+def group_mask(
+    batch: int,
+    grid: int | tuple[int, int],
+    group: int = 2,
+    ratio: float = SIMMIM_MASK_RATIO,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SimMIM's random masking (Xie et al. 2022, §3.1 and its ``MaskGenerator``): the image is cut into square
+    mask units of ``group`` x ``group`` patches, ``ceil(ratio * units)`` units per sample are drawn uniformly
+    without replacement, and every patch of a drawn unit is masked (replaced by the mask token; no token dropping).
+
+    SimMIM's defaults are 32-pixel units and ratio 0.6: ``group`` = 32 / patch size, 2 for a ViT-B/16 on 224 px.
+    ``grid`` (h, w) need not be a multiple of ``group``: the units then cover ceil(h / group) x ceil(w / group)
+    and are cut at the bottom and right edges (the reference asserts divisibility), so a sample's masked count
+    varies around ``ratio * h * w`` (on 7 x 7 patches in 2 x 2 units: 16 units, 10 drawn, 21-40 patches masked).
+    Returns (B, h * w) bool, True = masked, on ``generator.device``.
+    """
+    device = _device_of(generator)
+    _check_count("batch", batch)
+    _check_count("group", group)
+    h, w = _check_grid(grid)
+    ratio = _check_ratio("ratio", ratio)
+    uh, uw = math.ceil(h / group), math.ceil(w / group)
+    units = uh * uw
+    count = math.ceil(units * ratio)
+    if count >= units:
+        raise ValueError(f"ratio={ratio} masks all {units} mask units of {group}x{group} patches: lower the ratio "
+                         "or the group size so that some of the image stays visible")
+    order = torch.argsort(torch.rand(batch, units, generator=generator, device=device), dim=1)
+    coarse = torch.zeros(batch, units, dtype=torch.bool, device=device).scatter_(1, order[:, :count], True)
+    fine = coarse.view(batch, uh, uw).repeat_interleave(group, 1).repeat_interleave(group, 2)
+    return fine[:, :h, :w].reshape(batch, h * w)
 
 
 # --------------------------------------------------------------------------------------------- BEiT / iBOT

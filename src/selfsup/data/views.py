@@ -23,7 +23,7 @@ import torch
 from selfsup.config import to_plain
 from selfsup.contract import Views
 from selfsup.data.augment import Augment, AugmentConfig, config_field_names, to_float01
-from selfsup.data.masking import block_mask, random_mask
+from selfsup.data.masking import block_mask, group_mask, random_mask
 from selfsup.names import did_you_mean
 
 VIEW_KINDS = ("simclr", "byol", "multicrop")
@@ -104,6 +104,29 @@ class RandomMaskViews:
 
     def describe(self) -> list[dict]:
         return [{**d, "mask": "random", "mask_ratio": self.ratio} for d in self.inner.describe()]
+
+    def global_views(self) -> MultiView:
+        return self.inner.global_views()
+
+
+class GroupMaskViews:
+    """A view maker plus SimMIM's mask of random square groups of patches, drawn with the batch from the same
+    generator (:func:`selfsup.data.masking.group_mask`): ``masks["mask"]`` (B, N) bool, True where the encoder
+    sees the mask token."""
+
+    def __init__(self, inner: MultiView, grid: tuple[int, int], group: int, ratio: float):
+        self.inner, self.grid, self.group, self.ratio = inner, tuple(grid), group, ratio
+        self.n_global = inner.n_global
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> Views:
+        views = self.inner(batch, generator)
+        mask = group_mask(batch.shape[0], self.grid, self.group, self.ratio, generator)
+        views.masks["mask"] = mask.to(views.crops[0].device)
+        return views
+
+    def describe(self) -> list[dict]:
+        return [{**d, "mask": f"groups of {self.group}x{self.group} patches", "mask_ratio": self.ratio}
+                for d in self.inner.describe()]
 
     def global_views(self) -> MultiView:
         return self.inner.global_views()

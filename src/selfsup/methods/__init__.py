@@ -10,7 +10,7 @@ Importing this package registers all of them:
 
 from selfsup.methods import canonical_correlation  # noqa: F401  (registration side effect)
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
-from selfsup.methods.masked_modeling import mae  # noqa: F401
+from selfsup.methods.masked_modeling import mae, simmim  # noqa: F401
 from selfsup.methods.metric_learning import dcl, moco_v2, moco_v3, nnclr, npid, simclr, supcon  # noqa: F401
 from selfsup.methods.self_distillation import (  # noqa: F401
     byol,
