@@ -19,19 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from selfsup.data.pretext import rotate_all
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.probe import linear_probe
 
-
-def rotate_all(images: Tensor) -> tuple[Tensor, Tensor]:
-    """``(4N, C, H, W)`` images rotated by 0/90/180/270 degrees (counter-clockwise) and their rotation index."""
-    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(
-            f"rotation prediction needs square images (N, C, H, H) so every rotation has the same shape, got "
-            f"{tuple(images.shape)}; center-crop them first."
-        )
-    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
-    return rotated, torch.arange(4).repeat_interleave(images.shape[0])
+__all__ = ["rotate_all", "rotation_probe"]  # rotate_all lives with the pretext tasks' labels
 
 
 def _subset(images, n: int, seed: int) -> Tensor:
