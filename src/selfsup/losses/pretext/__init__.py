@@ -1,5 +1,5 @@
-"""Pretext-task losses (cookbook §2.1): predict a label the data makes for itself."""
+"""Pretext-task losses (cookbook §2.1): predict a label, or pixels, the data makes for itself."""
 
-from selfsup.losses.pretext.rotation import rotation_loss
+from selfsup.losses.pretext.classification import jigsaw_loss, rotation_loss
 
-__all__ = ["rotation_loss"]
+__all__ = ["jigsaw_loss", "rotation_loss"]
