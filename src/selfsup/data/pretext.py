@@ -77,3 +77,17 @@ def jigsaw_tiles(images: Tensor, grid: int, tile: int, offsets: Tensor, order: T
     flat = tiles.flatten(2)
     flat = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + 1e-5)
     return flat.view_as(tiles)
+
+
+def square_holes(batch: int, size: int, side: int, generator: torch.Generator) -> Tensor:
+    """One ``side`` x ``side`` square per image at a uniformly random position inside a ``size`` x ``size`` view
+    (the context encoder's "random block" masks, Pathak et al. 2016 §3.3, as one block). (B, size, size) bool,
+    True inside the hole, on the generator's device."""
+    if not 1 <= side < size:
+        raise ValueError(f"the hole side ({side} px) must be in [1, {size}) for a {size}-px view")
+    dev = generator.device
+    top, left = (torch.randint(size - side + 1, (2, batch), generator=generator, device=dev))
+    r = torch.arange(size, device=dev)
+    rows = (r >= top[:, None]) & (r < top[:, None] + side)
+    cols = (r >= left[:, None]) & (r < left[:, None] + side)
+    return rows[:, :, None] & cols[:, None, :]
