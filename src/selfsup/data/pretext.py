@@ -91,3 +91,45 @@ def square_holes(batch: int, size: int, side: int, generator: torch.Generator) -
     rows = (r >= top[:, None]) & (r < top[:, None] + side)
     cols = (r >= left[:, None]) & (r < left[:, None] + side)
     return rows[:, :, None] & cols[:, None, :]
+
+
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.950456, 1.0, 1.088754)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """sRGB in [0, 1], (B, 3, H, W) -> CIE L*a*b* (D65): L in [0, 100], a and b roughly in [-110, 110] (the
+    colour space of Zhang et al. 2016). sRGB's gamma is undone, then the linear RGB -> XYZ matrix and the Lab
+    non-linearity f(t) = t^(1/3) above (6/29)^3, linear below."""
+    if rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb_to_lab takes (B, 3, H, W) RGB images, got {tuple(rgb.shape)}")
+    rgb = rgb.float().clamp(0, 1)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    m = torch.tensor(_RGB_TO_XYZ, device=rgb.device)
+    xyz = torch.einsum("ij,bjhw->bihw", m, lin) / torch.tensor(_D65_WHITE, device=rgb.device)[:, None, None]
+    d = 6 / 29
+    f = torch.where(xyz > d ** 3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * d * d) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+@functools.lru_cache(maxsize=4)
+def ab_bins(grid: float = 10.0) -> Tensor:
+    """The centres (Q, 2) of the in-gamut cells of a ``grid``-wide quantization of the ab plane (Zhang et al. 2016,
+    §2.1: grid 10 gives their Q = 313): the cells that some sRGB colour falls in, found by converting a 64^3 RGB
+    cube. Centres are multiples of ``grid``, ordered by (a, b)."""
+    v = torch.linspace(0, 1, 64)
+    cube = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, -1, 1)
+    ab = rgb_to_lab(cube)[0, 1:, :, 0].T
+    return torch.unique(torch.round(ab / grid), dim=0) * grid
+
+
+def soft_encode(ab: Tensor, centres: Tensor, neighbours: int = 5, sigma: float = 5.0) -> Tensor:
+    """Zhang et al. 2016's soft target (§2.1): each pixel's ab value spread over its ``neighbours`` nearest bin
+    centres with Gaussian weights (sigma 5), normalized to sum to 1. ``ab`` (B, 2, H, W) -> (B, Q, H, W)."""
+    b, _, h, w = ab.shape
+    flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
+    dist = torch.cdist(flat, centres.to(flat))
+    d, idx = dist.topk(neighbours, dim=1, largest=False)
+    weight = torch.softmax(-d.pow(2) / (2 * sigma * sigma), dim=1)
+    out = torch.zeros(flat.shape[0], centres.shape[0], device=ab.device).scatter_(1, idx, weight)
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)

@@ -8,9 +8,13 @@
   weight-normalised linear layer to K prototypes whose norm is frozen at 1 (``norm_last_layer``).
 - ``IBOTHead``: iBOT's (Zhou et al., 2022) DINO head applied to the [CLS] token and to every patch token, with
   the patch tokens' prototypes shared with the [CLS] ones or separate.
+- ``UpsamplingDecoder``: a pooled feature to an image-sized map (the inpainting context encoder's decoder, the
+  colorization head), for pretext tasks that predict pixels from a backbone that only returns pooled features.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +131,24 @@ class IBOTHead(nn.Module):
         protos, gain = (self.cls.prototypes, self.cls.gain) if self.shared else (self.patch_prototypes, self.patch_gain)
         patch_logits = F.linear(z[:, 1:], F.normalize(protos, dim=-1))
         return cls_logits, patch_logits if gain is None else patch_logits * gain
+
+
+class UpsamplingDecoder(nn.Module):
+    """Pooled feature (B, D) -> (B, C, size, size): a linear bottleneck to a (channels, s, s) map, s = ceil(size / 8),
+    then three (nearest x2, 3x3 conv, BN, ReLU) stages, a 3x3 conv to the image channels, resized to ``size``."""
+
+    def __init__(self, dim: int, channels: int, out_channels: int, size: int):
+        super().__init__()
+        self.size, self.base, self.channels = size, math.ceil(size / 8), channels
+        self.fc = nn.Linear(dim, channels * self.base ** 2)
+        layers, c = [], channels
+        for _ in range(3):
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, max(c // 2, 8), 3, padding=1, bias=False),
+                       nn.BatchNorm2d(max(c // 2, 8)), nn.ReLU(inplace=True)]
+            c = max(c // 2, 8)
+        self.up = nn.Sequential(*layers, nn.Conv2d(c, out_channels, 3, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.fc(z).view(-1, self.channels, self.base, self.base))
+        return x if x.shape[-1] == self.size else F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                                 align_corners=False)

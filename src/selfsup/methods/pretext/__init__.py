@@ -1,1 +1,1 @@
-"""Pretext tasks (cookbook §2.1): RotNet, jigsaw, inpainting; colorization follows."""
+"""Pretext tasks (cookbook §2.1): RotNet, jigsaw, inpainting, colorization."""

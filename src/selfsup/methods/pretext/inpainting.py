@@ -14,11 +14,9 @@ implemented). Augmentation: random resized crop + flip.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfsup.data.pretext import square_holes
@@ -27,6 +25,7 @@ from selfsup.data.views import MultiView, simclr_views
 from selfsup.losses.pretext import inpainting_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
+from selfsup.nn.heads import UpsamplingDecoder
 
 
 @dataclass
@@ -55,29 +54,8 @@ class HoleViews:
         return self.inner.global_views()
 
 
-class Decoder(nn.Module):
-    """Pooled feature (B, D) -> (B, C, size, size): a linear bottleneck to a (channels, s, s) map, s = ceil(size / 8),
-    then three (nearest x2, 3x3 conv, BN, ReLU) stages, a 3x3 conv to the image channels, resized to ``size``."""
-
-    def __init__(self, dim: int, channels: int, out_channels: int, size: int):
-        super().__init__()
-        self.size, self.base, self.channels = size, math.ceil(size / 8), channels
-        self.fc = nn.Linear(dim, channels * self.base ** 2)
-        layers, c = [], channels
-        for _ in range(3):
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, max(c // 2, 8), 3, padding=1, bias=False),
-                       nn.BatchNorm2d(max(c // 2, 8)), nn.ReLU(inplace=True)]
-            c = max(c // 2, 8)
-        self.up = nn.Sequential(*layers, nn.Conv2d(c, out_channels, 3, padding=1))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.up(self.fc(z).view(-1, self.channels, self.base, self.base))
-        return x if x.shape[-1] == self.size else F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                                 align_corners=False)
-
-
 class Inpainting(Method):
-    def __init__(self, encoder: nn.Module, decoder: Decoder, view_maker: HoleViews):
+    def __init__(self, encoder: nn.Module, decoder: UpsamplingDecoder, view_maker: HoleViews):
         super().__init__()
         self.encoder, self.decoder, self.view_maker = encoder, decoder, view_maker
 
@@ -105,5 +83,5 @@ def build(cfg, data: DataInfo) -> Inpainting:
     crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
     only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
                                solarize_p=0.0)
-    return Inpainting(encoder, Decoder(encoder.num_features, p.decoder_channels, data.channels, size),
+    return Inpainting(encoder, UpsamplingDecoder(encoder.num_features, p.decoder_channels, data.channels, size),
                       HoleViews(MultiView([only]), size, side))
