@@ -5,13 +5,13 @@ Importing this package registers all of them:
 - ``metric_learning/``: deep metric learning (§2.2) — SimCLR, MoCo v2, MoCo v3, NNCLR, DCL/DCLW, SupCon, NPID
 - ``self_distillation/``: self-distillation (§2.3) — BYOL, DINO, iBOT, SimSiam, DirectPred, MeanShift, DeepCluster-v2, MSN
 - ``canonical_correlation/``: canonical correlation (§2.4) — VICReg, Barlow Twins, W-MSE, SwAV
-- ``masked_modeling/``: masked image modeling (§2.5) — MAE, SimMIM
+- ``masked_modeling/``: masked image modeling (§2.5) — MAE, SimMIM, I-JEPA, data2vec 2.0
 - ``pretext/``: the pretext tasks (§2.1) — RotNet, jigsaw, inpainting, colorization
 """
 
 from selfsup.methods import canonical_correlation  # noqa: F401  (registration side effect)
 from selfsup.methods.base import REGISTRY, Method, MethodEntry, forward_views
-from selfsup.methods.masked_modeling import mae, simmim  # noqa: F401
+from selfsup.methods.masked_modeling import data2vec, ijepa, mae, simmim  # noqa: F401
 from selfsup.methods.metric_learning import dcl, moco_v2, moco_v3, nnclr, npid, simclr, supcon  # noqa: F401
 from selfsup.methods.pretext import colorization, inpainting, jigsaw, rotnet  # noqa: F401
 from selfsup.methods.self_distillation import (  # noqa: F401

@@ -1,1 +1,1 @@
-"""Masked image modeling (cookbook §2.5): MAE, SimMIM; the catalog adds I-JEPA, data2vec."""
+"""Masked image modeling (cookbook §2.5): MAE, SimMIM, I-JEPA, data2vec 2.0."""
