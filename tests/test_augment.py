@@ -466,3 +466,18 @@ def test_views_record_each_crops_box_and_flip_and_draw_as_before():
     assert any(bool(g[:, 4].any()) for g in views.geometry) and not all(bool(g[:, 4].all()) for g in views.geometry)
     again = [A.Augment(c)(cols, g) for g in [torch.Generator().manual_seed(5)] for c in (gcfg, gcfg, lcfg, lcfg)]
     assert all(torch.equal(a, b) for a, b in zip(again, views.crops))  # the same draws as the plain Augment path
+
+
+def test_crop_views_is_one_crop_with_nothing_photometric():
+    from selfsup.data.views import crop_views
+
+    v = crop_views(16, (0.5,), (0.25,), 1, (0.3, 1.0))
+    (cfg,) = v.global_cfgs
+    assert v.n_global == 1 and cfg.scale == (0.3, 1.0) and cfg.hflip_p == 0.5
+    assert cfg.jitter_p == cfg.gray_p == cfg.blur_p == cfg.solarize_p == 0.0
+    assert crop_views(16, (0.5,), (0.25,), 1, flip=False).global_cfgs[0].hflip_p == 0.0
+    x = torch.full((4, 1, 16, 16), 128, dtype=torch.uint8)  # a flat image stays flat: no photometric change
+    out = v(x, torch.Generator().manual_seed(0)).crops[0]
+    torch.testing.assert_close(out, torch.full_like(out, (128 / 255 - 0.5) / 0.25), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="crop scale"):
+        crop_views(16, (0.5,), (0.25,), 1, (0.0, 1.0))

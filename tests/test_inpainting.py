@@ -3,9 +3,8 @@ blanked, the loss is the L2 of Pathak et al. eq. (1) on the hole only, training 
 
 import pytest
 import torch
-from test_train import _args
+from test_train import _resumed_equals_uninterrupted
 
-from selfsup.cli import main
 from selfsup.config import Config, _set
 from selfsup.contract import Progress
 from selfsup.data.pretext import square_holes
@@ -74,12 +73,5 @@ def test_the_encoder_never_sees_the_hole_and_the_decoder_paints_the_view():
 
 
 def test_inpainting_trains_resumes_exactly_and_exports_the_encoder_only(tiny_fmnist, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(_args("inpainting", tiny_fmnist, a, *SMALL, "epochs=1")) == 0
-    assert main(_args("inpainting", tiny_fmnist, b, *SMALL, "epochs=1", "train.max_steps=2")) == 0
-    assert main(_args("inpainting", tiny_fmnist, b, *SMALL, "epochs=1", "resume=auto", "train.max_steps=0")) == 0
-    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)["method"]
-    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    from safetensors.torch import load_file
-    assert not any(k.startswith("decoder") for k in load_file(str(a / "backbone.safetensors")))
+    state = _resumed_equals_uninterrupted("inpainting", tiny_fmnist, tmp_path, *SMALL)
+    assert any(k.startswith("decoder.") for k in state)

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from test_train import _args
+from test_train import _resumed_equals_uninterrupted
 
-from selfsup.cli import main
 from selfsup.config import Config, _set
 from selfsup.contract import Progress
 from selfsup.data.pretext import rotate_all
@@ -57,12 +56,5 @@ def test_the_encoder_sees_all_four_rotations_of_each_crop():
 
 
 def test_rotnet_trains_resumes_exactly_and_exports_the_encoder_only(tiny_fmnist, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(_args("rotnet", tiny_fmnist, a, *SMALL, "epochs=1")) == 0
-    assert main(_args("rotnet", tiny_fmnist, b, *SMALL, "epochs=1", "train.max_steps=2")) == 0
-    assert main(_args("rotnet", tiny_fmnist, b, *SMALL, "epochs=1", "resume=auto", "train.max_steps=0")) == 0
-    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)["method"]
-    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    from safetensors.torch import load_file
-    assert not any(k.startswith("head") for k in load_file(str(a / "backbone.safetensors")))
+    state = _resumed_equals_uninterrupted("rotnet", tiny_fmnist, tmp_path, *SMALL)
+    assert any(k.startswith("head.") for k in state)

@@ -3,7 +3,7 @@ that sees every token (masked ones as the mask token), exact resume, the encoder
 
 import pytest
 import torch
-from test_train import _args
+from test_train import _args, _resumed_equals_uninterrupted
 
 from selfsup.cli import main
 from selfsup.config import Config, _set
@@ -116,12 +116,5 @@ def test_simmim_needs_a_vit(tiny_fmnist, tmp_path, capsys):
 
 
 def test_simmim_trains_resumes_exactly_and_exports_the_encoder_only(tiny_fmnist, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(_args("simmim", tiny_fmnist, a, *SMALL, "epochs=1")) == 0
-    assert main(_args("simmim", tiny_fmnist, b, *SMALL, "epochs=1", "train.max_steps=2")) == 0
-    assert main(_args("simmim", tiny_fmnist, b, *SMALL, "epochs=1", "resume=auto", "train.max_steps=0")) == 0
-    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)["method"]
-    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the masks of the later steps were redrawn exactly
-    from safetensors.torch import load_file
-    assert not any(k.startswith("head") for k in load_file(str(a / "backbone.safetensors")))
+    state = _resumed_equals_uninterrupted("simmim", tiny_fmnist, tmp_path, *SMALL)
+    assert any(k.startswith("head.") for k in state)  # the pixel head is trained, not exported

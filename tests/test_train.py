@@ -21,6 +21,26 @@ def _args(method, root, out, *extra):
         "byol." if method != "byol" else "simclr.")]]
 
 
+def _resumed_equals_uninterrupted(method, root, tmp_path, *extra, stop=2):
+    """Train ``method`` for one epoch straight, and again stopped after ``stop`` steps then resumed; assert the two
+    final checkpoints are identical (masks, noise, teachers and queues redrawn exactly) and that the exported
+    backbone is the method's ``encoder`` and nothing else (no head, decoder, predictor or teacher). Returns the
+    uninterrupted run's method state."""
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    assert main(_args(method, root, a, *extra, "epochs=1")) == 0
+    assert main(_args(method, root, b, *extra, "epochs=1", f"train.max_steps={stop}")) == 0
+    assert main(_args(method, root, b, *extra, "epochs=1", "resume=auto", "train.max_steps=0")) == 0
+    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)["method"]
+    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    exported = load_file(str(a / "backbone.safetensors"))
+    encoder = {k[len("encoder."):]: v for k, v in sa.items() if k.startswith("encoder.")}
+    assert exported.keys() == encoder.keys() and all(torch.equal(exported[k], encoder[k]) for k in encoder)
+    return sa
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_train_and_eval_end_to_end(method, tiny_fmnist, tmp_path, capsys):
     out = tmp_path / "run"

@@ -214,6 +214,20 @@ def simclr_views(
     return MultiView(_configs(base, [{}, {}], overrides))
 
 
+def crop_views(
+    size: int, mean: Sequence[float], std: Sequence[float], channels: int = 3, scale: tuple[float, float] = (0.2, 1.0),
+    flip: bool = True,
+) -> MultiView:
+    """One random resized crop (+ a horizontal flip unless ``flip=False``) and nothing photometric: the views of the
+    masked-modeling methods (MAE appendix A.1, SimMIM, I-JEPA without the flip, data2vec 2.0) and the pretext
+    tasks, whose objectives do not need colour invariance."""
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"the crop scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
+    base = _base(size, mean, std, channels, blur_p=0.0)
+    only = {"scale": tuple(scale), "jitter_p": 0.0, "gray_p": 0.0, "solarize_p": 0.0}
+    return MultiView(_configs(base, [only], {} if flip else {"hflip_p": 0.0}))
+
+
 def byol_views(
     size: int, mean: Sequence[float], std: Sequence[float], channels: int = 3, **overrides: Any
 ) -> MultiView:

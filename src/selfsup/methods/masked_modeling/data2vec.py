@@ -24,7 +24,6 @@ stop-on-collapse checks (``min_target_var``/``min_pred_var``: 0 for images). Onl
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 
 from selfsup.config import ConfigError
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import MultiView, crop_views
 from selfsup.losses.masked_modeling.data2vec import data2vec_cls_term, data2vec_regression, data2vec_targets
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -206,8 +205,6 @@ def build(cfg, data: DataInfo) -> Data2Vec:
     decoder = ConvDecoder(encoder.embed_dim, p.decoder_dim, p.decoder_layers, p.decoder_kernel, p.decoder_groups,
                           grid, p.mask_noise_std)
     # crop + flip only (MaeImageDataset's train transform): no colour jitter, blur, grayscale or solarization
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    views = CloneMaskViews(MultiView([only]), grid, p.clone_batch, p.mask_prob, p.mask_length, p.mask_prob_adjust)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    views = CloneMaskViews(only, grid, p.clone_batch, p.mask_prob, p.mask_length, p.mask_prob_adjust)
     return Data2Vec(encoder, decoder, views, p)

@@ -29,7 +29,6 @@ Not implemented: the reference's predictor init rescaling (``fix_init_weight``),
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from selfsup.data.masking import multi_block_mask
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import MultiView, crop_views
 from selfsup.losses.masked_modeling.ijepa import LOSS_KINDS, ijepa_loss, ijepa_targets
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -174,9 +173,7 @@ def build(cfg, data: DataInfo) -> IJEPA:
     heads = p.predictor_heads or encoder.blocks[0].attn.num_heads
     predictor = IJEPAPredictor(encoder.embed_dim, p.predictor_dim, p.predictor_depth, heads, grid)
     # crop only (configs: no flip, colour distortion or blur)
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), hflip_p=0.0, jitter_p=0.0, gray_p=0.0,
-                               blur_p=0.0, solarize_p=0.0)
-    views = MultiBlockViews(MultiView([only]), grid, p)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0), flip=False)
+    views = MultiBlockViews(only, grid, p)
     multi_block_mask(1, grid, torch.Generator().manual_seed(0), **views.options)  # a bad mask config fails here
     return IJEPA(encoder, predictor, views, p)

@@ -9,7 +9,6 @@ encoder only). Token dropping is what makes MAE cheap: the encoder's cost scales
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, RandomMaskViews, simclr_views
+from selfsup.data.views import RandomMaskViews, crop_views
 from selfsup.losses.masked_modeling import mae_loss, patchify
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -106,8 +105,6 @@ def build(cfg, data: DataInfo) -> MAE:
     decoder = MAEDecoder(encoder.embed_dim, p.decoder_dim, p.decoder_depth, p.decoder_heads, grid,
                          encoder.patch_size ** 2 * data.channels)
     # crop + flip only (He et al. 2022, appendix A.1): no colour jitter, blur, grayscale or solarization
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    views = RandomMaskViews(MultiView([only]), math.prod(grid), p.mask_ratio)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    views = RandomMaskViews(only, math.prod(grid), p.mask_ratio)
     return MAE(encoder, decoder, views, p)

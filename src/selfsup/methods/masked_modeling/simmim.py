@@ -10,14 +10,13 @@ exported.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
 from selfsup.data.masking import SIMMIM_MASK_RATIO
 from selfsup.data.types import DataInfo
-from selfsup.data.views import GroupMaskViews, MultiView, simclr_views
+from selfsup.data.views import GroupMaskViews, crop_views
 from selfsup.losses.masked_modeling import patchify, simmim_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -62,8 +61,6 @@ def build(cfg, data: DataInfo) -> SimMIM:
     size = cfg.views.size
     grid = (size // encoder.patch_size, size // encoder.patch_size)
     head = nn.Linear(encoder.embed_dim, encoder.patch_size ** 2 * data.channels)  # the 1x1 conv + pixel shuffle
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    views = GroupMaskViews(MultiView([only]), grid, p.mask_group, p.mask_ratio)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    views = GroupMaskViews(only, grid, p.mask_group, p.mask_ratio)
     return SimMIM(encoder, head, views, p)

@@ -18,7 +18,6 @@ fully convolutional). Only colour data: single-channel images have no colour to 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from selfsup.data.pretext import ab_bins, rgb_to_lab, soft_encode
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import MultiView, crop_views
 from selfsup.losses.pretext import colorization_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -84,7 +83,5 @@ def build(cfg, data: DataInfo) -> Colorization:
     encoder = make_backbone(cfg, data)
     q = ab_bins(p.bin_size).shape[0]
     decoder = UpsamplingDecoder(encoder.num_features, p.decoder_channels, q, size // p.output_stride)
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    return Colorization(encoder, decoder, MultiView([only]), data.mean, data.std, p)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    return Colorization(encoder, decoder, only, data.mean, data.std, p)

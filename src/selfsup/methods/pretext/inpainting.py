@@ -13,7 +13,6 @@ implemented). Augmentation: random resized crop + flip.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from selfsup.data.pretext import square_holes
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import MultiView, crop_views
 from selfsup.losses.pretext import inpainting_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -80,8 +79,6 @@ def build(cfg, data: DataInfo) -> Inpainting:
         raise ValueError(f"inpainting.hole_fraction={p.hole_fraction} gives a {side}-px hole in a {size}-px view: "
                          "choose a fraction in (0, 1) that leaves context around the hole")
     encoder = make_backbone(cfg, data)
-    crop = simclr_views(size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
+    only = crop_views(size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
     return Inpainting(encoder, UpsamplingDecoder(encoder.num_features, p.decoder_channels, data.channels, size),
-                      HoleViews(MultiView([only]), size, side))
+                      HoleViews(only, size, side))

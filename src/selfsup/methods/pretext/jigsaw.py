@@ -12,7 +12,6 @@ the mean of the nine tile features: the encoder never sees a whole image during 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from selfsup.data.pretext import hamming_permutations, jigsaw_tiles
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import MultiView, crop_views
 from selfsup.losses.pretext import jigsaw_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -102,8 +101,6 @@ def build(cfg, data: DataInfo) -> Jigsaw:
     tile_head = nn.Sequential(nn.Linear(d, p.tile_dim), nn.ReLU(inplace=True))
     head = nn.Sequential(nn.Linear(p.grid ** 2 * p.tile_dim, p.hidden), nn.ReLU(inplace=True),
                          nn.Linear(p.hidden, p.permutations))
-    crop = simclr_views(cfg.views.size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    views = JigsawViews(MultiView([only]), p.grid, cell, tile, p.permutations)
+    only = crop_views(cfg.views.size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    views = JigsawViews(only, p.grid, cell, tile, p.permutations)
     return Jigsaw(encoder, tile_head, head, views, hamming_permutations(p.permutations, p.grid ** 2, p.seed), p)

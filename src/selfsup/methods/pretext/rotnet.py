@@ -12,14 +12,13 @@ RotNet encoder's rotation probe (``eval.rotation``) is high by construction and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
 from selfsup.data.pretext import rotate_all
 from selfsup.data.types import DataInfo
-from selfsup.data.views import MultiView, simclr_views
+from selfsup.data.views import crop_views
 from selfsup.losses.pretext import rotation_loss
 from selfsup.methods.base import Method, Progress, Views, register
 from selfsup.methods.common import make_backbone
@@ -56,7 +55,5 @@ def build(cfg, data: DataInfo) -> RotNet:
     if not 0.0 < p.crop_scale_min <= 1.0:
         raise ValueError(f"rotnet.crop_scale_min={p.crop_scale_min} must be in (0, 1]")
     encoder = make_backbone(cfg, data)
-    crop = simclr_views(cfg.views.size, data.mean, data.std, data.channels).global_cfgs[0]
-    only = dataclasses.replace(crop, scale=(p.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
-    return RotNet(encoder, nn.Linear(encoder.num_features, 4), MultiView([only]))
+    only = crop_views(cfg.views.size, data.mean, data.std, data.channels, (p.crop_scale_min, 1.0))
+    return RotNet(encoder, nn.Linear(encoder.num_features, 4), only)
