@@ -21,11 +21,11 @@ def _args(method, root, out, *extra):
         "byol." if method != "byol" else "simclr.")]]
 
 
-def _resumed_equals_uninterrupted(method, root, tmp_path, *extra, stop=2):
+def _resumed_equals_uninterrupted(method, root, tmp_path, *extra, stop=2, exported_prefix="encoder."):
     """Train ``method`` for one epoch straight, and again stopped after ``stop`` steps then resumed; assert the two
     final checkpoints are identical (masks, noise, teachers and queues redrawn exactly) and that the exported
-    backbone is the method's ``encoder`` and nothing else (no head, decoder, predictor or teacher). Returns the
-    uninterrupted run's method state."""
+    backbone is the method's ``encoder`` (``exported_prefix``) and nothing else (no head, decoder, predictor or
+    teacher). Returns the uninterrupted run's method state."""
     from safetensors.torch import load_file
 
     a, b = tmp_path / "straight", tmp_path / "resumed"
@@ -36,7 +36,7 @@ def _resumed_equals_uninterrupted(method, root, tmp_path, *extra, stop=2):
     sb = torch.load(b / "checkpoints/last.pt", weights_only=True)["method"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     exported = load_file(str(a / "backbone.safetensors"))
-    encoder = {k[len("encoder."):]: v for k, v in sa.items() if k.startswith("encoder.")}
+    encoder = {k[len(exported_prefix):]: v for k, v in sa.items() if k.startswith(exported_prefix)}
     assert exported.keys() == encoder.keys() and all(torch.equal(exported[k], encoder[k]) for k in encoder)
     return sa
 

@@ -5,7 +5,10 @@ given by an EMA copy of the encoder run on the whole image. Loss:
 :func:`selfsup.losses.masked_modeling.ijepa.ijepa_loss` on :func:`~selfsup.losses.masked_modeling.ijepa.ijepa_targets`.
 
 - Context encoder: the online ViT on the context patches only (token dropping, ``keep=``), as the reference's
-  ``encoder(imgs, masks_enc)``. It is the only thing exported.
+  ``encoder(imgs, masks_enc)``.
+- Exported (and evaluated): the target encoder, as the paper does ("We use the target-encoder for evaluation and
+  average pool its output", appendix A.1); ``ijepa.export=context`` exports the context encoder instead. The
+  predictor is never exported.
 - Target encoder: an EMA copy on the FULL image, no gradient; its patch tokens are layer-normed over the feature
   dimension, then gathered at each target block (reference src/train.py ``forward_target``).
 - Predictor: linear embed to a narrow width, fixed 2-D sine-cosine positions (the reference's frozen
@@ -60,6 +63,7 @@ class IJEPAParams:
     ipe_scale: float = 1.0                              # optimization.ipe_scale: stretches the EMA schedule
     loss: str = "smooth_l1"                             # train.py loss_fn: F.smooth_l1_loss; "l2": paper eq. (1)
     crop_scale_min: float = 0.3                         # data.crop_scale [0.3, 1.0]
+    export: str = "target"                              # the paper evaluates the target encoder (appendix A.1)
 
 
 class MultiBlockViews:
@@ -151,15 +155,20 @@ class IJEPA(Method):
         ema_update(self.teacher_encoder, self.encoder, m)
         return {"ema_momentum": m}
 
+    def exports(self) -> dict[str, nn.Module]:
+        return {"backbone": self.teacher_encoder if self.p.export == "target" else self.encoder}
+
     @property
     def guillotine_head(self) -> None:
-        return None  # no projector: the representation is the context encoder's
+        return None  # no projector: the representation is the encoder's
 
 
 @register("ijepa", IJEPAParams, family="masked image modeling", cookbook="§2.5; §3.1 (I-JEPA)",
           summary="a ViT on a context block; a narrow predictor regresses an EMA encoder's features of 4 target blocks")
 def build(cfg, data: DataInfo) -> IJEPA:
     p = cfg.params
+    if p.export not in ("target", "context"):
+        raise ValueError(f"ijepa.export={p.export!r}: choose target (the paper's evaluation) or context")
     if p.loss not in LOSS_KINDS:
         raise ValueError(f"ijepa.loss={p.loss!r}: choose one of {LOSS_KINDS}")
     if not 0.0 < p.crop_scale_min <= 1.0:
