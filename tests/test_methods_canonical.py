@@ -226,7 +226,7 @@ def test_every_recipe_loads_and_states_its_source(method):
         assert tree.get("description") and tree.get("cookbook"), name
         cfg = _cfg(method, f"recipe={name}")
         assert cfg.recipe == name and cfg.params is not None
-        if name == "default":
+        if name == "default" or name.startswith("fmnist"):  # the Fashion-MNIST recipes (fmnist-long: run longer)
             assert cfg.data.name == "fashion_mnist" and cfg.model.backbone == "resnet10" and cfg.model.width == 32
         else:
             assert cfg.data.name == "folder" and cfg.views.size == 224
