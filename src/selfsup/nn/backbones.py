@@ -6,7 +6,13 @@ JSON-serialisable recipe that rebuilds it: ``{"name": ..., "in_chans": ..., **kw
 Exported layout (``export_backbone(model, DIR)``)::
 
     DIR/backbone.safetensors   the state_dict (weights and BN statistics)
-    DIR/backbone.json          {"spec", "num_features", "format_version", "how_to_load", **extra}
+    DIR/backbone.json          {"spec", "num_features", "format_version", "how_to_load", **extra, "export_id"}
+
+The two files are written together (:func:`selfsup.runtime.atomic_write_all`): a full disk, a crash or ``kill -9``
+while exporting leaves the previous pair as it was, never a half-written file. Both carry the same random
+``export_id`` (in the JSON, and in the safetensors metadata), so a mixed pair (an export interrupted between its two
+renames, or one file copied over from another export) is refused with a clear error instead of loading weights with
+the wrong config.
 
 ``load_backbone(DIR)`` rebuilds the module from the spec, loads the weights strictly and returns it in eval mode,
 wrapped in :class:`ImageBackbone` so that it takes images as a user has them (uint8, or float in [0, 1]) and applies
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,11 +41,12 @@ from torch import nn
 from selfsup.names import did_you_mean
 from selfsup.nn.resnet import DEPTHS, resnet
 from selfsup.nn.vit import SIZES, VisionTransformer, vit
-from selfsup.runtime import atomic_write
+from selfsup.runtime import atomic_write_all
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "backbone.safetensors"
 CONFIG_FILE = "backbone.json"
+EXPORT_ID_KEY = "selfsup_export_id"  # safetensors metadata key; equals backbone.json's "export_id"
 TIMM_PREFIX = "timm:"
 
 MAX_CONFIG_BYTES = 1 << 20  # a backbone.json is a few hundred bytes; anything this large is not one
@@ -158,8 +166,13 @@ def _tensors_for_safetensors(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def export_backbone(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``directory/backbone.safetensors`` and ``directory/backbone.json``; return the directory."""
-    from safetensors.torch import save_file
+    """Write ``directory/backbone.safetensors`` and ``directory/backbone.json``; return the directory.
+
+    Both files are written to temporary files first and renamed only once both are complete, so a write error (full
+    disk: :class:`selfsup.runtime.WriteError`, naming the file) leaves the previous export, if any, whole and
+    loadable, and no temporary file behind. Both record the same ``export_id``, checked by :func:`load_backbone`.
+    """
+    from safetensors.torch import save
 
     if isinstance(model, ImageBackbone):  # keep its normalization with it
         extra = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), **(extra or {})}
@@ -167,18 +180,24 @@ def export_backbone(model: nn.Module, directory: str | os.PathLike, extra: dict 
     spec = backbone_spec(model)
     _validated_spec(spec, "the backbone to export")  # fail now rather than when someone loads it
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    export_id = uuid.uuid4().hex
     config = {
         "spec": spec,
         "num_features": int(model.num_features),
         "format_version": FORMAT_VERSION,
         "how_to_load": f"import selfsup; model = selfsup.load_backbone({str(directory)!r})",
         **(extra or {}),
+        "export_id": export_id,
     }
-    text = json.dumps(config, indent=2)  # fail on a bad `extra` before writing anything
-    tensors = _tensors_for_safetensors(model.state_dict())
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    text = json.dumps(config, indent=2) + "\n"  # fail on a bad `extra` before writing anything
+    # Serialized in memory (one extra copy of the weights) and written by our writer, not by safetensors'
+    # save_file: that one writes its own ".tmpXXXXXX" file, which a kill -9 leaves behind under no known name, makes
+    # the file 0600, and reports a full disk as its own error type.
+    weights = save(_tensors_for_safetensors(model.state_dict()), metadata={"format": "pt", EXPORT_ID_KEY: export_id})
+    atomic_write_all([
+        (directory / WEIGHTS_FILE, lambda tmp: Path(tmp).write_bytes(weights)),
+        (directory / CONFIG_FILE, lambda tmp: Path(tmp).write_bytes(text.encode())),
+    ])
     return directory
 
 
@@ -210,6 +229,48 @@ def _read_config(config_path: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
         raise ValueError(f"{config_path} is not a valid backbone config: expected an object with a 'spec' object")
     return config
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_fields(config: dict, config_path: Path) -> tuple[int | None, str | None]:
+    """(num_features, export_id) of a backbone.json, after checking its top-level fields' types.
+
+    Required: ``format_version`` (this reader's) and ``spec`` (checked by ``_validated_spec``). Optional, checked
+    when present: ``num_features`` (a positive integer; older hand-written files lack it), ``export_id`` (a string;
+    exports before it was added lack it). Other fields (``how_to_load``, a run's ``extra``) are informational.
+    """
+    version = config.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        what = "is missing" if "format_version" not in config else f"is {version!r}"
+        raise ValueError(f"{config_path}: field 'format_version' {what} (format_version={version!r}); this selfsup "
+                         f"reads format_version {FORMAT_VERSION}. Re-export the backbone with this selfsup")
+    num_features = config.get("num_features")
+    if num_features is not None and not (_is_int(num_features) and num_features > 0):
+        raise ValueError(f"{config_path}: field 'num_features' must be a positive integer, got {num_features!r}")
+    export_id = config.get("export_id")
+    if export_id is not None and not (isinstance(export_id, str) and 0 < len(export_id) <= 64):
+        raise ValueError(f"{config_path}: field 'export_id' must be a short string, got {export_id!r}")
+    return num_features, export_id
+
+
+def _check_same_export(weights: Path, config_path: Path, export_id: str | None) -> None:
+    """Refuse a weights file and a config from different exports (both record the export's ``export_id``)."""
+    if export_id is None:  # an export older than export_id: nothing to compare
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = (f.metadata() or {}).get(EXPORT_ID_KEY)
+    except Exception:  # a corrupt weights file: reported with its own message when it is loaded
+        return
+    if found != export_id:
+        raise ValueError(f"{weights} and {config_path} come from different exports (export_id {found!r} in the "
+                         f"weights, {export_id!r} in the config): an export was interrupted, or one of the files was "
+                         "replaced by another export's. Export the backbone again, or copy both files from one export")
 
 
 def _is_plain(v) -> bool:
@@ -318,19 +379,21 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu", *
             raise FileNotFoundError(f"missing {f}: a backbone export needs both {weights.name} and "
                                     f"{config_path.name} (write them with selfsup.export_backbone)")
     config = _read_config(config_path)
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format_version={version!r}; this selfsup reads {FORMAT_VERSION}")
+    num_features, export_id = _checked_fields(config, config_path)
     name, in_chans, spec = _validated_spec(config["spec"], str(config_path))
     stats = _normalization(config, in_chans, config_path)
     if stats is None and not raw:
         raise ValueError(f"{config_path} records no input normalization (mean, std), so selfsup cannot prepare "
                          "images for this backbone. Load the bare network with load_backbone(path, raw=True) and "
                          "normalize its input yourself, or re-export it with extra={'mean': [...], 'std': [...]}")
+    _check_same_export(weights, config_path, export_id)
     try:
         model = build_backbone(name, in_chans=in_chans, **spec)
     except (TypeError, ValueError) as e:  # e.g. width="8": the option names are right, a value is not
         raise ValueError(f"{config_path}: spec {config['spec']!r} does not build a backbone: {e}") from None
+    if num_features is not None and num_features != model.num_features:
+        raise ValueError(f"{config_path}: field 'num_features' is {num_features} but its spec builds a backbone with "
+                         f"{model.num_features} features; the file was edited or is corrupt: re-export the backbone")
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
