@@ -90,9 +90,25 @@ def _idx_has(directory: Path, split: str) -> bool:
     return all(_idx_file(directory, split, kind) is not None for kind in ("images", "labels"))
 
 
+def _check_idx_shape(shape: tuple[int, ...], path: Path, info: DatasetInfo) -> None:
+    """Refuse images that are not square, as the release's bytes re-declared as e.g. 14x56 would be.
+
+    The header is the only record of the image shape, and any H x W of the right product reads without error, as
+    rows of the wrong width: wrong images, no error. The release is 28x28; other square sizes are accepted, for
+    your own (or synthetic test) data in the idx format. With as many labels as images, no square shape other
+    than 28x28 fits the release's bytes, so a reshaped official file is always caught.
+    """
+    n, h, w = shape
+    if h != w:
+        raise DataError(f"{path}: its header declares {n} images of {h}x{w} pixels, but {info.name} images are "
+                        f"{info.size}x{info.size} (and this reader takes square images only). It is not a "
+                        f"{info.name} images file, or it was re-saved with another shape; download it again.")
+
+
 def _idx_read(directory: Path, split: str, info: DatasetInfo, cache_dir, verify: bool = True) -> ImageDataset:
     images_path, labels_path = (_idx_file(directory, split, kind) for kind in ("images", "labels"))
     images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+    _check_idx_shape(images.shape, images_path, info)
     if len(images) != len(labels):
         raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "
                         "the two files come from different releases or one is corrupt")
@@ -187,26 +203,60 @@ def _cifar_has(name: str) -> Callable[[Path, str], bool]:
     return lambda directory, split: all((directory / f).is_file() for f in _CIFAR[name][0][split])
 
 
+def _cifar_labels(raw, path: Path, label_key: bytes, num_classes: int | None) -> np.ndarray:
+    """The labels of a batch as int64, refused unless they are integers in 0..num_classes-1.
+
+    The release stores Python ints. Floats are accepted only when integral (3.0 -> 3): casting would silently
+    turn 3.5 into 3. Negative labels (-1 is a common "unlabeled" marker) would fail at the first training step.
+    """
+    try:
+        y = np.asarray(raw)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: {label_key!r} is not a list of integer labels ({e})") from e
+    fix = "the file is corrupt or not a CIFAR batch; download it again, or fix the labels of your own files"
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{path}: {label_key!r} must be a list of integer labels; got {y.dtype} of shape "
+                        f"{y.shape}: {fix}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if len(bad):
+            raise DataError(f"{path}: label {float(y[bad[0]])!r} (index {bad[0]}) is not an integer: {fix}")
+    y = y.astype(np.int64)
+    bad = np.flatnonzero((y < 0) if num_classes is None else (y < 0) | (y >= num_classes))
+    if len(bad):
+        valid = ">= 0" if num_classes is None else f"0..{num_classes - 1}"
+        raise DataError(f"{path}: {len(bad)} label(s) outside {valid}, the first {y[bad[0]]} at index {bad[0]}: "
+                        f"{fix}")
+    return y
+
+
+def _cifar_classes(meta: Path, names_key: bytes, info: DatasetInfo, verify: bool) -> list[str] | None:
+    """Class names from the meta file when present, else the known names (CIFAR-10), else None."""
+    if not meta.is_file():
+        return list(info.classes) if info.classes else None
+    names = _unpickle(meta, verify).get(names_key)
+    if not isinstance(names, list) or not all(isinstance(c, (bytes, str)) for c in names):
+        raise DataError(f"{meta}: expected {names_key!r} to hold the list of class names; got "
+                        f"{type(names).__name__}. The file is corrupt or not a CIFAR meta file; download it again.")
+    return [c.decode() if isinstance(c, bytes) else c for c in names]
+
+
 def _cifar_read(directory: Path, split: str, info: DatasetInfo, cache_dir, verify: bool = True) -> ImageDataset:
     files, label_key, (meta_file, names_key) = _CIFAR[info.name]
+    batches = [(path, _unpickle(path, verify)) for path in (directory / f for f in files[split])]
+    classes = _cifar_classes(directory / meta_file, names_key, info, verify)  # after the batches: md5 errors name them
     images, labels = [], []
-    for path in (directory / f for f in files[split]):
-        batch = _unpickle(path, verify)
+    for path, batch in batches:
         if b"data" not in batch or label_key not in batch:
-            raise DataError(f"{path} lacks b'data' or {label_key!r} (keys: {sorted(batch)}); wrong file?")
-        data, y = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
+            raise DataError(f"{path} lacks b'data' or {label_key!r} (keys: {sorted(batch, key=repr)}); wrong file?")
+        data = np.asarray(batch[b"data"])
+        y = _cifar_labels(batch[label_key], path, label_key, None if classes is None else len(classes))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(y):
             raise DataError(f"{path}: expected uint8 data (N, 3072) with N labels; got {data.dtype} {data.shape} "
                             f"and {len(y)} labels")
         images.append(data.reshape(-1, 3, 32, 32))  # each row: 1024 R, 1024 G, 1024 B, each row-major 32x32
         labels.append(y)
-    meta = directory / meta_file
-    classes = ([c.decode() for c in _unpickle(meta, verify)[names_key]] if meta.is_file()
-               else list(info.classes) if info.classes else None)
-    y = np.concatenate(labels)
-    if classes is not None and len(y) and y.max() >= len(classes):
-        raise DataError(f"{directory}: label {y.max()} outside 0..{len(classes) - 1}")
-    return _dataset(np.concatenate(images), y, classes, info, split)
+    return _dataset(np.concatenate(images), np.concatenate(labels), classes, info, split)
 
 
 # ----------------------------------------------------------------------------------------------- STL-10

@@ -44,5 +44,6 @@ def power_law_subset(data: ImageDataset, ratio: float, seed: int = 0) -> ImageDa
         rows = (labels == k).nonzero().flatten()
         keep.append(rows[torch.randperm(len(rows), generator=g)[:n]])
     idx = torch.cat(keep).sort().values
+    # skipped files and the source's fingerprint carry over: the subset is a function of them, ratio and seed
     return ImageDataset(data.images[idx], labels[idx], data.classes, f"{data.name} (power-law imbalance {ratio:g})",
-                        list(data.skipped))
+                        list(data.skipped), list(data.skip_reasons), data.fingerprint)

@@ -55,6 +55,12 @@ class ImageDataset:
 
     ``images`` may be a ``torch.from_numpy`` view on a ``np.memmap`` (never written to), so index it in batches
     (``images[idx]`` copies just those rows) rather than converting the whole tensor.
+
+    ``skipped``: full paths of the files a reader left out (image folders: unreadable, corrupt, broken links...);
+    ``skip_reasons``: why, one line each, in the same order (filled with "reason not recorded" when a caller
+    passes only ``skipped``). ``fingerprint``: a short digest of the files the images come from (image folders:
+    paths, sizes and mtimes of the kept files), for a resumed run to check that it trains on the same images;
+    None for the official datasets and arrays, whose content is fixed or unknown.
     """
 
     images: torch.Tensor
@@ -62,8 +68,15 @@ class ImageDataset:
     classes: list[str] | None
     name: str
     skipped: list[str] = field(default_factory=list)
+    skip_reasons: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.skip_reasons:
+            self.skip_reasons = ["reason not recorded"] * len(self.skipped)
+        if len(self.skip_reasons) != len(self.skipped):
+            raise ValueError(f"ImageDataset.skip_reasons needs one reason per skipped file: got "
+                             f"{len(self.skip_reasons)} reasons for {len(self.skipped)} files")
         x = self.images
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
             got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
