@@ -147,8 +147,8 @@ def test_trains_resets_prototypes_each_epoch_and_resumes_exactly_mid_epoch(tiny_
 
 @pytest.mark.parametrize("overrides, match", [
     (["deepcluster_v2.prototypes=[300]"], "cannot make more clusters than the 256 training samples"),
-    (["deepcluster_v2.prototypes=[0]"], "cluster counts >= 1"),
-    (["deepcluster_v2.temperature=0"], "temperature > 0"),
+    (["deepcluster_v2.prototypes=[0]"], r"deepcluster_v2.prototypes=\[0\] is out of range: it must be a list of integers >= 1"),
+    (["deepcluster_v2.temperature=0"], r"deepcluster_v2.temperature=0.0 is out of range: it must be > 0"),
 ])
 def test_bad_params_are_refused_with_a_clear_message(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -183,7 +183,7 @@ def test_meanshift_views_are_strong_online_and_weak_target():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["meanshift.k=0"], "meanshift.k must be >= 1"),
+    (["meanshift.k=0"], r"meanshift.k=0 is out of range: it must be >= 1"),
     (["meanshift.bank_size=16"], "bank_size=16 is smaller than batch_size=64"),
     (["meanshift.augmentation=strong"], "must be one of weak/strong"),
     (["views.n_local=2"], "set views.n_local=0"),

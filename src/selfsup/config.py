@@ -9,6 +9,7 @@ work) is easy to get exactly right. Method-specific settings live in a section n
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class TrainConfig:
     online_probe: bool = True             # online linear probe on detached features (cookbook Fig. 13)
     probe_lr: float = 0.1                 # SGD, momentum 0.9 (solo-learn's online classifier)
     max_steps: int = 0                    # stop after this many optimizer steps (0: all epochs); for quick tries
+    deterministic: bool = False           # deterministic kernels (torch.use_deterministic_algorithms; on CUDA slower):
+                                          # the same seed gives the same run on the same machine and software
+    collapse: str = "warn"                # off | warn | stop: the collapse monitor (selfsup.monitor; cookbook §2.6.2)
+    nonfinite_limit: int = 10             # a step with a NaN/Inf loss or gradient is skipped (nothing updated); this
+                                          # many in a row stop the run, naming the last good checkpoint (1: the first)
 
 
 @dataclass
@@ -202,14 +208,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        if not math.isfinite(number):  # no setting has a use for NaN or an infinity; a NaN lr trains garbage
+            raise ConfigError(f"{key}={value} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -356,7 +367,10 @@ def build_config(method: str, overrides: list[str] | None = None, *, params_cls:
     for k, v in pairs:
         if k == "data" and isinstance(v, str):  # shorthand: data=cifar10 means data.name=cifar10
             k = "data.name"
-        if k not in ("recipe", "method"):
+        if k == "method":
+            raise ConfigError(f"method={v} is not a setting: the method is the command's argument (selfsup train "
+                              f"{v} ...); drop method=")
+        if k != "recipe":
             _set(cfg, k, v)
     _check(cfg)
     return cfg
@@ -379,6 +393,7 @@ def _check(cfg: Config) -> None:
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.channels_last": (cfg.train.channels_last, ("auto", "true", "false")),
         "data.on_error": (cfg.data.on_error, ("skip", "raise")),
+        "train.collapse": (cfg.train.collapse, ("off", "warn", "stop")),
         "model.stem": (cfg.model.stem, ("cifar", "imagenet", "small")),
         "model.pool": (cfg.model.pool, ("cls", "mean")),
     }
@@ -396,16 +411,8 @@ def _check(cfg: Config) -> None:
         canonical_name(cfg.data.name)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"data.name: {e.args[0] if e.args else e}") from None
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "train.accumulate": cfg.train.accumulate,
-                "views.size": cfg.views.size}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if not cfg.optim.no_decay_lr_scale >= 0:
-        raise ConfigError(f"optim.no_decay_lr_scale must be >= 0 (1 = the same lr as the weights), got "
-                          f"{cfg.optim.no_decay_lr_scale}")
-    if cfg.eval.finetune_train_size < 0:
-        raise ConfigError(f"eval.finetune_train_size must be >= 0 (0: every train image), got "
-                          f"{cfg.eval.finetune_train_size}")
+    from selfsup.checks import check_values
+
+    check_values(cfg)
     if cfg.batch_size % cfg.train.accumulate:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by train.accumulate={cfg.train.accumulate}")

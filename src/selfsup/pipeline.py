@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selfsup.checks import check_before_training
 from selfsup.config import Config
 from selfsup.data.datasets import ImageDataset, describe_data
 from selfsup.evaluate.run import evaluate_run
@@ -32,6 +33,7 @@ def pretrain(cfg: Config, train_data: ImageDataset | None = None, test_data: Ima
     run calls this; only rank 0 evaluates and returns the summary (the others return ``{}``).
     """
     t0 = time.time()
+    check_before_training(cfg, resuming=state is not None or cfg.resume is not None)  # before any data or file
     if train_data is None:
         train_data, test_data = load_data(cfg)
     info = describe_data(train_data, cfg.data.name)

@@ -28,11 +28,12 @@ from selfsup.data.types import DataInfo
 
 CHECKPOINT = "checkpoints/last.pt"
 REQUIRED_KEYS = ("method", "optimizer", "step", "config")
+CHECKPOINT_FORMAT = 1  # raised when a checkpoint's layout changes in a way older readers cannot load
 
 # Keys a resume may change (a trailing "." is a whole section). Everything else is what the run *is*.
 RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.log_every",
-             "train.checkpoint_every", "train.knn_every", "train.knn_monitor_size", "train.device", "data.root",
-             "data.download", "data.verify")
+             "train.checkpoint_every", "train.knn_every", "train.nonfinite_limit", "train.collapse",
+             "train.knn_monitor_size", "train.device", "data.root", "data.download", "data.verify")
 
 
 class CheckpointError(ValueError):
@@ -68,7 +69,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a selfsup checkpoint: it lacks {', '.join(REQUIRED_KEYS)} "
                               f"(found {keys})")
+    fmt = state.get("format", 1)  # checkpoints written before the field existed are format 1
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        from selfsup import __version__
+
+        raise CheckpointError(f"{path} was written by selfsup {state.get('selfsup', '?')} in checkpoint format {fmt}, "
+                              f"which this selfsup ({__version__}, format {CHECKPOINT_FORMAT}) cannot read: upgrade "
+                              "selfsup to resume or evaluate it")
     return state
+
+
+def load_method_state(method, state: dict, path) -> None:
+    """Load a checkpoint's ``method`` state, turning a mismatch (another method, other model settings, or a version
+    whose modules differ) into a :class:`CheckpointError` that says which."""
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as e:
+        missing = [k for k in method.state_dict() if k not in state["method"]][:3]
+        unexpected = [k for k in state["method"] if k not in method.state_dict()][:3]
+        detail = (f"missing {missing}, unexpected {unexpected}" if missing or unexpected else
+                  str(e).splitlines()[-1].strip())
+        raise CheckpointError(f"{path} does not fit this {type(method).__name__} ({detail}): it was written by "
+                              f"selfsup {state.get('selfsup', '?')} for another method or other model settings. "
+                              "Resume it with the selfsup version and config that wrote it, or start a new run.") \
+            from None
 
 
 def config_from_saved(saved: dict) -> Config:
@@ -96,7 +120,21 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a selfsup run directory?")
-    return config_from_saved(yaml.safe_load(path.read_text()) or {})
+    return config_from_saved(read_saved_config(path))
+
+
+def read_saved_config(path: Path) -> dict:
+    """A run's ``config.yaml`` as a dict; a file that is not one (cut short, emptied, edited into invalid YAML) is a
+    :class:`ConfigError` naming it, not a YAML traceback."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}): it was cut short or edited. Restore it "
+                          "(its checkpoint holds the same config), or start the run again in a new out=DIR") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("method"), str):
+        raise ConfigError(f"{path} holds no selfsup config (empty or cut short, no 'method'). Restore it, or start the "
+                          "run again in a new out=DIR")
+    return saved
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:
@@ -160,7 +198,7 @@ def open_resume(method: str, overrides: list[str]) -> tuple[Config, dict | None]
         state = load_checkpoint(ckpt)
         saved, source = state["config"], ckpt
     elif (run_dir / "config.yaml").is_file():  # started, stopped before its first checkpoint: step 0 of that run
-        saved, source = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, run_dir / "config.yaml"
+        saved, source = read_saved_config(run_dir / "config.yaml"), run_dir / "config.yaml"
     else:
         raise ConfigError(f"resume: {run_dir} holds no run to resume (no {CHECKPOINT}, no config.yaml). Check "
                           "out=, or drop resume= to start a new run there.")
@@ -258,7 +296,7 @@ def load_run_method(run_dir: str | os.PathLike, cfg: Config, data: DataInfo):
     if not ckpt.exists():
         return None
     method = build_method(cfg, data)
-    method.load_state_dict(load_checkpoint(ckpt)["method"])
+    load_method_state(method, load_checkpoint(ckpt), ckpt)
     return method.eval()
 
 
