@@ -1,4 +1,5 @@
-"""The `selfsup` command: train, eval, recipes. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error."""
+"""The `selfsup` command: train, eval, recipes. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 75
+preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue and resume), 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -85,20 +86,29 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from selfsup.data.datasets import DataError
+    from selfsup.monitor import CollapseError
     from selfsup.pipeline import pretrain
+    from selfsup.runtime import WriteError
+    from selfsup.train import Preempted
 
     try:
         pretrain(cfg, state=state)
+    except Preempted as e:
+        print(f"selfsup: preempted: {e}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     except DataError as e:
         print(f"selfsup: data error: {e}", file=sys.stderr)
         return 1
     except ConfigError as e:  # a method's own parameter check, made when it is built (after the data is read)
         print(f"selfsup: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError, CollapseError) as e:
         if os.environ.get("SELFSUP_DEBUG"):
             raise
         print(f"selfsup: error: {e}\n(set SELFSUP_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
+    except WriteError as e:  # a full disk, a quota, a read-only folder: the message names the file and the fix
+        print(f"selfsup: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

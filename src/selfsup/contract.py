@@ -3,11 +3,20 @@
 The trainer calls, once per optimizer step and without knowing which method it runs::
 
     views = method.view_maker(batch, generator)          # Views: crops (global first), masks, geometry, paired
-    out = method(views, progress)                        # {"loss", "features", **scalars to log}  (per micro-batch)
+    out = method(views, progress)                        # {"loss", "features", ["embedding"], **scalars to log}
+                                                         # (per micro-batch)
     method.before_optimizer_step(progress)               # gradients are reduced across processes: DINO freezes its
                                                          # last layer in epoch 1, SwAV its prototypes
     optimizer.step()
     logs = method.on_step_end(progress_after)            # EMA teachers, centers, queues
+
+``features`` are the backbone's outputs of the first view (the online probe reads them); ``embedding``, optional, is
+what the loss compares for that view (a projector's or predictor's output), which the collapse monitor watches
+(:mod:`selfsup.monitor`; the features when a method returns none). A step whose loss or gradients are not finite
+is skipped: no optimizer step, no ``before_optimizer_step``/``on_step_end``, batch-norm statistics put back; so a
+method must change other state only in those hooks, not in ``forward`` (the one exception: a recomputation from
+committed state that the next step would repeat identically, like DeepCluster-v2's k-means at an epoch's first step;
+``tests/faults/test_step_contract.py`` checks every method).
 
 ``progress.step`` is always the number of optimizer steps completed when the call happens: the current step's
 0-based index in ``forward`` and ``before_optimizer_step``, one more in ``on_step_end``. Evaluation and export
@@ -106,6 +115,8 @@ class Method(nn.Module):
     view_maker: Callable[..., Views]
 
     def forward(self, views: Views, progress: Progress) -> dict:  # pragma: no cover - abstract
+        """``{"loss": scalar tensor, "features": (B, D) backbone outputs of the first view, "embedding": optional
+        (B, d) what the loss compares, **scalars to log}``."""
         raise NotImplementedError
 
     def before_optimizer_step(self, progress: Progress) -> None:

@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +25,29 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from selfsup import __version__
 from selfsup import distributed as du
 from selfsup.config import Config
 from selfsup.contract import Method, Progress
 from selfsup.data.datasets import ImageDataset
-from selfsup.data.types import DataInfo
+from selfsup.data.types import DataError, DataInfo
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
+from selfsup.monitor import CollapseError, CollapseMonitor
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
-from selfsup.runs import CHECKPOINT
-from selfsup.runtime import atomic_write_bytes, autocast, autocast_dtype, cpu_model, save_json, select_device
+from selfsup.runs import CHECKPOINT, CHECKPOINT_FORMAT, load_method_state
+from selfsup.runtime import (
+    atomic_write_bytes,
+    autocast,
+    autocast_dtype,
+    cpu_model,
+    remove_stale_temp_files,
+    save_json,
+    select_device,
+    write_error,
+)
 
 _OTHER_STREAM = 0x2545F491  # XORed into the step seed for the global RNG (dropout, drop-path): not the views' stream
 
@@ -64,10 +78,15 @@ class Logger:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():  # a resumed run: drop records from steps that will be redone
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if self.path.exists():  # a resumed run: drop records from steps that will be redone (and a line cut short
+            keep = []           # by a kill or a full disk), atomically: a kill now loses nothing
+            for ln in self.path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= start_step:
+                        keep.append(ln)
+                except (ValueError, AttributeError):
+                    continue
+            atomic_write_bytes(self.path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -78,8 +97,11 @@ class Logger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file and the fix (the checkpoints hold the run)
+            raise write_error(self.path, e, note="the records written before are intact") from e
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -90,27 +112,75 @@ class Logger:
             self.tb.close()
 
 
+def state_is_finite(module: torch.nn.Module) -> bool:
+    """True when every floating parameter and buffer of ``module`` (weights, BN statistics, EMA teachers, queues,
+    centers) is finite. One pass over the state: run at checkpoints, exports and after a skipped step, not per step."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config, world_size: int,
-                    segments: list[dict]) -> None:
+                    segments: list[dict], log_window: list[float] | None = None,
+                    data_fingerprint: str | None = None) -> None:
     """`segments`: one record per training session of the run (steps, seconds, images), so a resumed run's
-    summary covers its whole training time."""
+    summary covers its whole training time. `log_window`: the losses of the steps since the last metrics record, so
+    the first record after a resume averages the same steps as the uninterrupted run's. `data_fingerprint`: the
+training images' digest (image folders), which a resume compares with the folder it reads.
+
+    A state holding NaN or Inf is never written (FloatingPointError): the previous checkpoint stays the last good one.
+    """
+    if not state_is_finite(method):
+        raise FloatingPointError(f"refusing to write {path} at step {step}: the model's weights or buffers hold NaN or "
+                                 f"Inf. The previous checkpoint there (if any) is the last good one.")
     state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
              "probe": probe.state_dict() if probe is not None else None,
-             "step": step, "config": cfg.to_dict(), "world_size": world_size, "segments": segments}
+             "step": step, "config": cfg.to_dict(), "world_size": world_size, "segments": segments,
+             "log_window": list(log_window or []), "data_fingerprint": data_fingerprint,
+             "format": CHECKPOINT_FORMAT, "selfsup": __version__}
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did. ``applied`` is False when the loss or a gradient was NaN/Inf on any process:
+    then no weight, optimizer state, method state (EMA teacher, queue, center) or online probe changed."""
+
+    loss: float
+    scalars: dict
+    probe_logs: dict
+    applied: bool = True
+    embedding: torch.Tensor | None = None  # the last micro-batch's embedding (detached), for the collapse monitor
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """True when every gradient of ``module`` is finite: one sum per tensor (NaN and Inf propagate through it) and a
+    single host sync, a few milliseconds for a ResNet-18 on one CPU thread."""
+    sums = [p.grad.detach().sum(dtype=torch.float32) for p in module.parameters() if p.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+
+def norm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics batch-norm layers update during a forward pass (mean, variance, batch count): the
+    state a training step changes besides what the optimizer and the method's ``on_step_end`` change."""
+    return [t for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+
+
 def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool,
-               progress: Progress, clip_grad: float = 0.0, index: torch.Tensor | None = None):
+               progress: Progress, clip_grad: float = 0.0, index: torch.Tensor | None = None) -> StepResult:
     """One optimizer step on this process's uint8 images `x` (labels `y` or None; `index`, their rows in the training
     set), in `accum` micro-batches; the views carry each micro-batch's labels and rows (``Views.labels/.index``).
 
-    Returns (loss, scalars the method logged, online-probe logs). `model` is `raw` or its DDP wrapper; gradients are
-    synchronized only on the last micro-batch; then `raw.before_optimizer_step(progress)`, gradient clipping to a
-    global norm of `clip_grad` (0: off) and the optimizer step. The caller calls `raw.on_step_end` afterwards.
+    `model` is `raw` or its DDP wrapper; gradients are synchronized only on the last micro-batch. When the loss and
+    every gradient are finite on every process: `raw.before_optimizer_step(progress)`, gradient clipping to a global
+    norm of `clip_grad` (0: off), the optimizer step and the online probe's steps. Otherwise the gradients are dropped
+    and nothing is updated (``StepResult.applied`` False; the batch-norm statistics the forward pass moved are put
+    back); the caller skips `raw.on_step_end` too.
     """
     micro = x.shape[0] // accum
-    loss_sum, extra, probe_logs = 0.0, {}, {}
+    loss_sum, extra, probe_batches = 0.0, {}, []
+    statistics = norm_statistics(raw)
+    before = [t.clone() for t in statistics]  # the forward pass updates them: a skipped step puts them back
     for m in range(accum):
         xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
         views = raw.view_maker(xm, gen)
@@ -125,15 +195,145 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
             out = model(views, progress)
         (out["loss"] / accum).backward()
         loss_sum += out["loss"].item() / accum
-        extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features")}
+        extra = {k: float(v) for k, v in out.items() if k not in ("loss", "features", "embedding")}
+        embedding = out.get("embedding", out["features"]).detach()
         if probe is not None and y is not None:
-            probe_logs = probe.step(out["features"].detach().float(), y[m * micro:(m + 1) * micro].to(device))
-    raw.before_optimizer_step(progress)
-    if clip_grad > 0:
-        extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad))
-    optimizer.step()
+            probe_batches.append((out["features"].detach().float(), y[part].to(device)))
+    bad = torch.tensor(float(not (math.isfinite(loss_sum) and grads_finite(raw))), device=device)
+    if not bool(du.all_reduce_sum_(bad)):  # every process takes the same decision (DDP's gradients are the mean)
+        raw.before_optimizer_step(progress)
+        if clip_grad > 0:
+            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad))
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, extra, probe_logs
+    if bool(bad):
+        with torch.no_grad():
+            for t, saved in zip(statistics, before):
+                t.copy_(saved)
+        return StepResult(loss_sum, extra, {}, applied=False)
+    probe_logs = {}
+    for features, labels in probe_batches:
+        probe_logs = probe.step(features, labels)
+    return StepResult(loss_sum, extra, probe_logs, embedding=embedding)
+
+
+def use_deterministic_kernels() -> None:
+    """Ask PyTorch for deterministic kernels everywhere (``train.deterministic=true``).
+
+    On the CPU selfsup's runs are already reproducible (data order from (seed, epoch), every random draw from
+    (seed, rank, step): a resumed run equals an uninterrupted one bit for bit); on CUDA some kernels (scatter-adds,
+    cuDNN's autotuned convolutions, cuBLAS's split reductions) are not, so this switches cuDNN to deterministic
+    algorithms without autotuning and cuBLAS to a fixed workspace (must be set before CUDA starts; the process's own
+    value wins). A kernel with no deterministic version then raises instead of silently differing.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preempting or at its time limit
+
+
+class Preempted(Exception):
+    """A preemption signal arrived: the run wrote a checkpoint at the next step boundary and stopped.
+
+    The CLI exits with :attr:`EXIT_CODE` (75, BSD's EX_TEMPFAIL: "try again later"), which a job script turns into a
+    requeue (docs/reliability.md); ``resume=auto`` then continues from that step.
+    """
+
+    EXIT_CODE = 75
+
+    def __init__(self, step: int, signal_name: str, run_dir: Path, cfg: Config):
+        self.step = step
+        super().__init__(f"{signal_name} received: stopped at step {step} with a checkpoint written. Continue with: "
+                         f"selfsup train {cfg.method} resume=auto out={run_dir}")
+
+
+@contextlib.contextmanager
+def catch_preemption():
+    """Record SIGTERM/SIGUSR1 instead of dying, so the loop can checkpoint at a step boundary; yields the list of
+    signal names received. A second identical signal acts as it would have without selfsup (SIGTERM kills at
+    once). Outside the main thread (where Python cannot install handlers) nothing is caught."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS}
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _any_process(flag: bool, device) -> bool:
+    """True when ``flag`` is true on any process (every process stops at the same step)."""
+    if du.get_world_size() == 1:
+        return flag
+    return bool(du.all_reduce_sum_(torch.tensor(float(flag), device=device)))
+
+
+def _mean_over_processes(losses: list[float], device) -> float | None:
+    """The mean loss of the window over every process (rank 0's alone would be a sample of 1/world of the batch);
+    None when every step of the window was skipped."""
+    local = sum(losses) / len(losses) if losses else 0.0
+    if du.get_world_size() > 1:
+        local = float(du.all_reduce_mean(torch.tensor(local, dtype=torch.float64, device=device)))
+    return local if losses else None
+
+
+def _after_nonfinite_step(raw, step: int, loss: float, in_row: int, cfg: Config, last_good, run_dir: Path,
+                          say) -> None:
+    """A step was skipped for a NaN/Inf loss or gradient: warn, or stop the run (FloatingPointError) when the model
+    state itself is no longer finite (a forward pass can write NaN into batch-norm statistics or a method's buffers)
+    or when ``train.nonfinite_limit`` steps in a row were skipped."""
+    where = (f"The last good checkpoint is {last_good[1]} (step {last_good[0]}): continue from it with "
+             f"`selfsup train {cfg.method} resume=auto out={run_dir}` after lowering optim.base_lr, using "
+             "train.precision=fp32 or checking the data." if last_good else
+             "No checkpoint was written yet: start again with a lower optim.base_lr or train.precision=fp32.")
+    if not _all_finite_everywhere(raw):
+        raise FloatingPointError(f"step {step}: the loss or gradients were not finite and the forward pass left NaN/Inf "
+                                 f"in the model's state (batch-norm statistics or a method's buffers), which "
+                                 f"skipping the step cannot undo. {where}")
+    if in_row >= cfg.train.nonfinite_limit:
+        raise FloatingPointError(f"the loss or gradients were not finite in {in_row} steps in a row (the last: step "
+                                 f"{step}, loss {loss}); each was skipped, train.nonfinite_limit="
+                                 f"{cfg.train.nonfinite_limit} stops the run. {where}")
+    say(f"selfsup: step {step}: the loss ({loss}) or a gradient is not finite: step skipped, no weight or state "
+        f"changed ({in_row} in a row; train.nonfinite_limit={cfg.train.nonfinite_limit} stops the run)")
+
+
+def _on_collapse(evidence: str | None, step: int, cfg: Config, segment: dict, checkpoint, run_dir: Path, say,
+                 device) -> None:
+    """Record a collapse seen by the monitor (in the run's segments, so the summary and the report show it) and
+    warn once per epoch, or, with ``train.collapse=stop``, write a checkpoint and stop (:class:`CollapseError`)."""
+    if not _any_process(evidence is not None, device):  # every process stops at the same step
+        return
+    evidence = evidence or "the monitor of another process saw a collapse"
+    warnings = segment.setdefault("collapse_warnings", [])
+    warnings.append({"step": step, "evidence": evidence})
+    advice = ("complete collapse: every image gets about the same embedding, and no method recovers from it. Check "
+              "the learning rate and weight decay, the method's anti-collapse parts (predictor, EMA teacher, variance "
+              "or entropy terms, negatives) and the augmentations (cookbook §2.6.2, §3.4)")
+    if cfg.train.collapse == "stop":
+        checkpoint()
+        raise CollapseError(f"step {step}: {evidence}. This is a {advice}. train.collapse=stop ended the run; "
+                            f"its last checkpoint is in {run_dir}/{CHECKPOINT}.")
+    if len(warnings) == 1 or warnings[-2]["step"] // 1000 != step // 1000:  # not every record of a collapsed run
+        say(f"selfsup: WARNING step {step}: {evidence}: a {advice}. (train.collapse=stop ends such a run.)")
+
+
+def _all_finite_everywhere(raw) -> bool:
+    flag = torch.tensor(float(not state_is_finite(raw)), device=next(raw.parameters()).device)
+    return not bool(du.all_reduce_sum_(flag))
 
 
 @dataclass
@@ -160,6 +360,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         device = torch.device("cuda", dist.local_rank)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     if cfg.out is None:  # every process must agree on the name: rank 0 picks it
         name = [f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if dist.enabled:
@@ -187,6 +389,10 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if state is None and ckpt_path.exists():
         raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt). Continue it with "
                               f"resume=auto out={run_dir}, or choose another out=DIR.")
+    if state is not None and state.get("data_fingerprint") not in (None, train_data.fingerprint):
+        raise DataError(f"the training images of {train_data.name} changed since the run in {run_dir} started (files "
+                        "added, removed, renamed or rewritten): resuming would train the rest of the run on other "
+                        "images. Restore the folder as it was, or start a new run with another out=DIR.")
     raw = method.to(device)
     amp = autocast_dtype(cfg.train.precision, device)
     channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
@@ -194,11 +400,16 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         raw = raw.to(memory_format=torch.channels_last)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temp_files(ckpt_path.parent, ckpt_path.name)  # left by a kill during a write
+        if stale:
+            say(f"selfsup: removed {len(stale)} partial checkpoint file(s) left by an interrupted write: "
+                f"{', '.join(p.name for p in stale)}")
         import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(),
-                                                             "resolved_views": raw.view_maker.describe()},
-                                                            sort_keys=False))
+        text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
+        atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))  # a resume may need it whole
+        if train_data.skipped:
+            _report_skipped(train_data, run_dir, say)
         if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
             export_backbone(raw.exports()["backbone"], run_dir / "init", extra={"mean": list(mean), "std": list(std)})
 
@@ -235,7 +446,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if state is not None:
         # loaded to the CPU: load_state_dict copies weights onto the device and moves optimizer state next to its
         # parameters, except AdamW's scalar `step`, which must stay a CPU tensor (a CUDA one syncs every step)
-        raw.load_state_dict(state["method"])
+        load_method_state(raw, state, ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         if probe is not None and state["probe"] is not None:
             probe.load_state_dict(state["probe"])
@@ -244,7 +455,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             + (f" (train.max_steps={cfg.train.max_steps} is reached: nothing to train; pass train.max_steps=0 or "
                "more epochs to continue)" if start_step >= stop_step and stop_step < total_steps else ""))
     segment = {"start_step": start_step, "end_step": start_step, "seconds": 0.0, "step_seconds": 0.0, "images": 0,
-               "changes": state["changes"] if state is not None else {}}
+               "changes": state.get("changes", {}) if state is not None else {}}
     segments = [*segments, segment]
 
     logger = Logger(run_dir, dist.is_main, start_step)
@@ -259,68 +470,106 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
 
         bar = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True)
 
-    step_time, images_seen, window = 0.0, 0, []
+    step_time, images_seen = 0.0, 0
+    window = list(state.get("log_window") or []) if state is not None else []  # losses since the last record
+    last_good = (start_step, ckpt_path) if state is not None else None  # the newest checkpoint written or resumed
+    bad_in_row = 0
+    monitor = CollapseMonitor() if cfg.train.collapse != "off" else None
     t_loop = time.time()
     order, order_epoch = None, -1
     step = start_step
+
+    def checkpoint() -> None:
+        nonlocal last_good
+        if dist.is_main:
+            save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window,
+                            train_data.fingerprint)
+            last_good = (step, ckpt_path)
+
     raw.train()
     try:
-        while step < stop_step:
-            epoch, b = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = _epoch_order(len(train_data), cfg.seed, epoch), epoch
-            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            local = batch[dist.rank * micro_bs * accum:(dist.rank + 1) * micro_bs * accum]
-            t0 = time.perf_counter()
-            cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
-            set_lr(optimizer, cur_lr, peak_lr=lr)  # constant_lr groups (SimSiam's predictor) stay at lr
-            if cfg.optim.weight_decay_end is not None:  # DINO's cosine weight-decay schedule, no warm-up
-                set_weight_decay(optimizer, warmup_cosine(step, total_steps, 0, cfg.optim.weight_decay,
-                                                          cfg.optim.weight_decay_end))
-            gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
-            torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ _OTHER_STREAM)  # apart from the views
-            x = train_data.images[local]
-            y = labels[local] if labels is not None else None
-            progress = Progress(step, total_steps, steps_per_epoch)
-            loss_sum, extra, probe_logs = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp,
-                                                     channels_last, progress, cfg.optim.clip_grad, index=local)
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower optim.base_lr, use "
-                                         "precision=fp32, or check the data")
-            hook_logs = raw.on_step_end(progress.after()) or {}
-            step += 1
-            dt = time.perf_counter() - t0
-            step_time += dt
-            images_seen += cfg.batch_size
-            segment.update(end_step=step, seconds=round(time.time() - t_loop, 3), step_seconds=round(step_time, 3),
-                           images=images_seen)
-            window.append(loss_sum)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum:.4f}", lr=f"{cur_lr:.3g}",
-                                img_s=f"{cfg.batch_size / dt:.0f}")
-            if step % cfg.train.log_every == 0 or step == stop_step:
-                rec = {"step": step, "epoch": step / steps_per_epoch, "loss": sum(window) / len(window),
-                       "lr": cur_lr, "samples_per_s": images_seen / step_time, **extra, **hook_logs}
-                rec.update({f"online_probe_{k}": float(v) for k, v in probe_logs.items()})
-                logger.log(rec)
-                window = []
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end and dist.is_main and not tty:
-                print(f"epoch {step // steps_per_epoch}/{cfg.epochs} step {step}/{total_steps} loss {loss_sum:.4f} "
-                      f"lr {cur_lr:.4g} {images_seen / step_time:.0f} img/s "
-                      f"eta {(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
-            if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
-                    and (step // steps_per_epoch) % cfg.train.knn_every == 0):
-                acc = _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
-                logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
-                say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
-                raw.train()
-            if dist.is_main and (epoch_end or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-                save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
+        with catch_preemption() as signals:
+            while step < stop_step:
+                epoch, b = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = _epoch_order(len(train_data), cfg.seed, epoch), epoch
+                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                local = batch[dist.rank * micro_bs * accum:(dist.rank + 1) * micro_bs * accum]
+                t0 = time.perf_counter()
+                cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
+                set_lr(optimizer, cur_lr, peak_lr=lr)  # constant_lr groups (SimSiam's predictor) stay at lr
+                if cfg.optim.weight_decay_end is not None:  # DINO's cosine weight-decay schedule, no warm-up
+                    set_weight_decay(optimizer, warmup_cosine(step, total_steps, 0, cfg.optim.weight_decay,
+                                                              cfg.optim.weight_decay_end))
+                gen.manual_seed(_step_seed(cfg.seed, dist.rank, step))
+                torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) ^ _OTHER_STREAM)  # apart from the views
+                x = train_data.images[local]
+                y = labels[local] if labels is not None else None
+                progress = Progress(step, total_steps, steps_per_epoch)
+                result = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp, channels_last,
+                                    progress, cfg.optim.clip_grad, index=local)
+                if result.applied:
+                    bad_in_row = 0
+                    hook_logs = raw.on_step_end(progress.after()) or {}
+                    window.append(result.loss)
+                    if monitor is not None:
+                        monitor.update(result.embedding)
+                else:
+                    bad_in_row += 1
+                    segment["nonfinite_steps"] = segment.get("nonfinite_steps", 0) + 1
+                    hook_logs = {}
+                    _after_nonfinite_step(raw, step, result.loss, bad_in_row, cfg, last_good, run_dir, say)
+                step += 1
+                dt = time.perf_counter() - t0
+                step_time += dt
+                images_seen += cfg.batch_size
+                segment.update(end_step=step, seconds=round(time.time() - t_loop, 3),
+                               step_seconds=round(step_time, 3), images=images_seen)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", lr=f"{cur_lr:.3g}",
+                                    img_s=f"{cfg.batch_size / dt:.0f}")
+                if step % cfg.train.log_every == 0 or step == stop_step:
+                    loss = _mean_over_processes(window, device)
+                    rec = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": cur_lr,
+                           "samples_per_s": images_seen / step_time, **result.scalars, **hook_logs}
+                    rec.update({f"online_probe_{k}": float(v) for k, v in result.probe_logs.items()})
+                    skipped = sum(s.get("nonfinite_steps", 0) for s in segments)
+                    if skipped:
+                        rec["nonfinite_steps"] = skipped
+                    spread = monitor.window_std() if monitor is not None else None
+                    if spread is not None:
+                        rec["embedding_std"] = spread
+                    logger.log(rec)
+                    window = []
+                    _on_collapse(CollapseMonitor.evidence(spread, None), step, cfg, segment, checkpoint, run_dir, say,
+                                 device)
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end and dist.is_main and not tty:
+                    print(f"epoch {step // steps_per_epoch}/{cfg.epochs} step {step}/{total_steps} loss "
+                          f"{result.loss:.4f} lr {cur_lr:.4g} {images_seen / step_time:.0f} img/s eta "
+                          f"{(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
+                if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
+                        and (step // steps_per_epoch) % cfg.train.knn_every == 0):
+                    acc = _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
+                    logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
+                    say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
+                    raw.train()
+                if epoch_end and monitor is not None:
+                    rank = monitor.rankme()
+                    if rank is not None:
+                        logger.log({"step": step, "epoch": step / steps_per_epoch, "embedding_rankme": rank})
+                    _on_collapse(CollapseMonitor.evidence(None, rank), step, cfg, segment, checkpoint, run_dir, say,
+                                 device)
+                if epoch_end or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                    checkpoint()
+                if _any_process(bool(signals), device) and step < stop_step:
+                    checkpoint()
+                    du.barrier()
+                    raise Preempted(step, signals[0] if signals else "a signal on another process", run_dir, cfg)
     except KeyboardInterrupt:
+        checkpoint()
         if dist.is_main:
-            save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
             print(f"\nselfsup: interrupted at step {step}; checkpoint saved. Continue with: "
                   f"selfsup train {cfg.method} resume=auto out={run_dir}")
         raise
@@ -330,7 +579,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         logger.close()
     segment["seconds"] = round(time.time() - t_loop, 3)
     if dist.is_main:
-        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments)
+        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint)
         export_backbone(encoder, run_dir, extra={"method": cfg.method, "step": step,
                                               "mean": list(mean), "std": list(std)})
     du.barrier()
@@ -344,9 +593,20 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                "samples_per_second": round(total_images / max(total_step_seconds, 1e-9), 1),
                "segments": segments,
                "device": str(device), "cpu": cpu_model(), "processes": world, "precision": str(amp or "fp32"),
-               "skipped_files": len(train_data.skipped), "torch": torch.__version__}
+               "skipped_files": len(train_data.skipped),
+               "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in segments),
+               "collapse_warnings": [w for s in segments for w in s.get("collapse_warnings", [])],
+               "torch": torch.__version__}
     save_json(run_dir / "summary.json", summary)
     return Trained(summary, probe, device)
+
+
+def _report_skipped(data: ImageDataset, run_dir: Path, say) -> None:
+    """Write every skipped file with its reason to ``RUN_DIR/skipped_files.tsv`` and print a one-line summary."""
+    lines = "".join(f"{path}\t{reason}\n" for path, reason in zip(data.skipped, data.skip_reasons))
+    atomic_write_bytes(run_dir / "skipped_files.tsv", lambda f: f.write(("path\treason\n" + lines).encode()))
+    say(f"selfsup: {len(data.skipped)} file(s) of {data.name} could not be used and were skipped (first: "
+        f"{data.skipped[0]}: {data.skip_reasons[0]}); every one with its reason: {run_dir / 'skipped_files.tsv'}")
 
 
 def _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg) -> float:

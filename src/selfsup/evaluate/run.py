@@ -81,7 +81,8 @@ def evaluate_run(
     labelled = test_data is not None and train_data.labels is not None and test_data.labels is not None
     extra = {"encoder": {"source": "run", "path": str(run_dir), "name": cfg.model.backbone},
              "run": {k: summary.get(k) for k in ("method", "recipe", "epochs", "steps", "batch_size", "lr",
-                                                 "train_seconds", "samples_per_second", "device", "cpu")}}
+                                                 "train_seconds", "samples_per_second", "device", "cpu",
+                                                 "skipped_files", "nonfinite_steps", "collapse_warnings")}}
     if labelled and cfg.eval.init_baseline and (run_dir / "init").exists():
         extra["knn_top1_init"] = init_knn(run_dir / "init", train_data, test_data, mean, std, cfg, device)
     if probe is None and "online_probe_top1" in summary:  # measured at the end of training; kept in the eval

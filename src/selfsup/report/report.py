@@ -235,11 +235,28 @@ def _header(result: dict) -> str:
         parts = [str(run.get("method", "")), f"{run['epochs']} epochs" if "epochs" in run else "",
                  f"trained in {run['train_seconds'] / 60:.1f} min" if h.is_number(run.get("train_seconds")) else ""]
         lines.append("Run: " + h.esc(", ".join(p for p in parts if p)))
+        lines += _health_lines(run)
     seconds = result.get("seconds") or {}
     if h.is_number(seconds.get("total")):
         parts = [f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total" and h.is_number(v)]
         lines.append(h.esc(f"Evaluation time: {seconds['total']:.1f} s" + (f" ({', '.join(parts)})" if parts else "")))
     return "".join(f'<p class="meta">{line}</p>' for line in lines)
+
+
+def _health_lines(run: dict) -> list[str]:
+    """What went wrong during training and was handled: skipped files and steps, collapse warnings (with evidence)."""
+    lines = []
+    if run.get("skipped_files"):
+        lines.append(h.esc(f"Data: {run['skipped_files']} unreadable file(s) skipped (listed with their reasons in "
+                           "skipped_files.tsv)"))
+    if run.get("nonfinite_steps"):
+        lines.append(h.esc(f"Training: {run['nonfinite_steps']} step(s) with a NaN/Inf loss or gradient skipped"))
+    warnings = run.get("collapse_warnings") or []
+    if warnings:
+        first = warnings[0]
+        lines.append("<strong>Collapse</strong>: " + h.esc(f"{len(warnings)} warning(s), the first at step "
+                                                           f"{first['step']}: {first['evidence']}"))
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- 2. training curves

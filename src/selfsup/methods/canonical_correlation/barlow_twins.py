@@ -37,7 +37,7 @@ class BarlowTwins(Method):
             raise ValueError(f"Barlow Twins correlates two views, got {len(views)}; set views.n_local=0")
         feats = forward_views(self.encoder, views.crops)
         z1, z2 = forward_views(self.projector, feats)
-        return {"loss": barlow_twins_loss(z1, z2, self.p.lambd), "features": feats[0]}
+        return {"loss": barlow_twins_loss(z1, z2, self.p.lambd), "features": feats[0], "embedding": z1}
 
 
 @register("barlow_twins", BarlowTwinsParams, family="canonical correlation",

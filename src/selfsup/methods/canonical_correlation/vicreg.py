@@ -41,7 +41,7 @@ class VICReg(Method):
         z1, z2 = forward_views(self.projector, feats)
         p = self.p
         loss, terms = vicreg_loss(z1, z2, p.sim_weight, p.var_weight, p.cov_weight, p.gamma, p.eps, return_terms=True)
-        return {"loss": loss, "features": feats[0], **terms}
+        return {"loss": loss, "features": feats[0], "embedding": z1, **terms}
 
 
 @register("vicreg", VICRegParams, family="canonical correlation", cookbook="§2.4 eq. (13), Fig. 6; §3.2 expander",

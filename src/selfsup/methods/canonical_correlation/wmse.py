@@ -42,7 +42,7 @@ class WMSE(Method):
         zs = forward_views(self.projector, feats)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + progress.step)  # the same on every process
         loss = wmse_loss(zs, self.p.w, self.p.iterations, self.p.eps, generator=gen)
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": zs[0]}
 
 
 @register("wmse", WMSEParams, family="canonical correlation", cookbook="§2.4 eq. (13)",

@@ -33,7 +33,7 @@ class DCL(Method):
             loss = dclw_loss(z1, z2, temperature=self.p.temperature, sigma=self.p.sigma)
         else:
             loss = dcl_loss(z1, z2, temperature=self.p.temperature)
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": z1}
 
 
 @register("dcl", DCLParams, family="deep metric learning", cookbook="§2.2 eq. (6), decoupled",

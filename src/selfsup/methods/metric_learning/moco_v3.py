@@ -49,7 +49,7 @@ class MoCoV3(Method):
         t = self.p.temperature
         # MoCo v3 Alg. 1: ctr(q1, k2) + ctr(q2, k1), each CrossEntropy * 2 tau
         loss = info_nce(q1, k2, temperature=t, scale_by_2tau=True) + info_nce(q2, k1, temperature=t, scale_by_2tau=True)
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": q1}
 
     def on_step_end(self, progress: Progress) -> dict:
         m = cosine_momentum(progress.step, progress.total_steps, self.p.momentum, self.p.momentum_final)

@@ -27,7 +27,7 @@ class SimCLR(Method):
         feats = forward_views(self.encoder, views.crops)
         zs = forward_views(self.projector, feats)
         loss = multi_view_nt_xent(zs, n_global=views.n_global, temperature=self.temperature)
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": zs[0]}
 
 
 @register("simclr", SimCLRParams, family="deep metric learning", cookbook="§2.2, eq. (6), Fig. 3; §3.8.1 Alg. 1",

@@ -27,7 +27,8 @@ class SupCon(Method):
             raise ValueError("SupCon needs the labels of the batch (Views.labels); train it on a labelled data set")
         feats = forward_views(self.encoder, views.crops)
         zs = forward_views(self.projector, feats)
-        return {"loss": supcon_loss(zs, views.labels, temperature=self.p.temperature), "features": feats[0]}
+        return {"loss": supcon_loss(zs, views.labels, temperature=self.p.temperature), "features": feats[0],
+                "embedding": zs[0]}
 
 
 @register("supcon", SupConParams, family="deep metric learning", cookbook="§2.2 eq. (6) with label positives",

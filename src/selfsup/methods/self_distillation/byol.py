@@ -42,7 +42,7 @@ class BYOL(Method):
         # sum L(p1, z'2) + L(p2, z'1) (Grill et al. eq. 2), not its average. More views are scaled to the same size.
         pairs = [(i, j) for i in range(n_global) for j in range(len(views)) if j != i]
         loss = sum(byol_loss(preds[j], targets[i]) for i, j in pairs) * (2 / len(pairs))
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": preds[0]}
 
     def on_step_end(self, progress: Progress) -> dict:
         m = cosine_momentum(progress.step, progress.total_steps, self.ema_base, self.ema_final)

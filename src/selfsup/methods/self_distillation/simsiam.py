@@ -35,7 +35,7 @@ class SimSiam(Method):
         # views: (L(p2, z1) + L(p1, z2)) / 4 = 1 + D(p1, z2)/2 + D(p2, z1)/2, the paper's loss plus 1 (same gradient).
         pairs = [(i, j) for i in range(n_global) for j in range(len(views)) if j != i]
         loss = sum(simsiam_loss(p[j], z[i]) for i, j in pairs) * (0.5 / len(pairs))
-        return {"loss": loss, "features": feats[0]}
+        return {"loss": loss, "features": feats[0], "embedding": z[0]}
 
     def param_groups(self, weight_decay: float, no_decay_lr_scale: float = 1.0) -> list[dict]:
         """The default groups, with the predictor's parameters moved to groups of their own marked ``constant_lr``
