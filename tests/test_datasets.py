@@ -435,7 +435,8 @@ def test_folder_cache_reused_without_decoding(tmp_path, monkeypatch):
     second = load_dataset("folder", root=tmp_path / "data", image_size=8)
     assert opened == [] and torch.equal(first.images, second.images) and second.skipped == first.skipped
     assert second.labels.tolist() == first.labels.tolist()
-    assert len(list((tmp_path / "data" / ".selfsup_cache").glob("data-*-8.u8"))) == 1
+    assert len(list((tmp_path / "xdg" / "selfsup" / "folder").glob("data-*-8.u8"))) == 1  # the user's cache
+    assert not (tmp_path / "data" / ".selfsup_cache").exists()  # nothing written into the image folder
     save_png(tmp_path / "data" / "cat" / "a.png", np.full((8, 8, 3), 77, np.uint8))  # changed file -> rebuild
     third = load_dataset("folder", root=tmp_path / "data", image_size=8)
     assert opened and third.images[0, :, 0, 0].tolist() == [77] * 3
@@ -447,10 +448,11 @@ def test_folder_cache_reused_without_decoding(tmp_path, monkeypatch):
 def test_folder_split_subdir_and_cache_fallback(tmp_path):
     save_png(tmp_path / "data" / "train" / "x" / "a.png", np.zeros((8, 8), np.uint8))
     save_png(tmp_path / "data" / "val" / "y" / "b.png", np.zeros((8, 8), np.uint8))
-    (tmp_path / "data" / ".selfsup_cache").write_text("a file where the cache folder would go")
+    (tmp_path / "xdg" / "selfsup").mkdir(parents=True)
+    (tmp_path / "xdg" / "selfsup" / "folder").write_text("a file where the user's cache folder would go")
     d = load_dataset("folder", "val", root=tmp_path / "data", image_size=8)
     assert d.classes == ["y"] and d.name == "folder/val"
-    assert len(list((tmp_path / "xdg" / "selfsup" / "folder").glob("val-*.u8"))) == 1
+    assert len(list((tmp_path / "data" / ".selfsup_cache").glob("val-*.u8"))) == 1  # the fallback
 
 
 def test_folder_errors(tmp_path):

@@ -16,11 +16,25 @@ selfsup compare RUN_DIR... [--out DIR]  rank runs by RankMe and by probe accurac
 selfsup recipes                         list methods and recipes with the cookbook section each comes from"""
 
 
+_SECTIONS = """config sections (key=value; `selfsup train METHOD --show-config` prints every key and value):
+  epochs, batch_size, seed, out, resume, recipe    the run
+  data.*     dataset, root, splits, folder image size, on_error
+  model.*    backbone, width, stem, patch size, projector
+  views.*    crop sizes and scales, flips, colour jitter, blur, solarize, multi-crop
+  optim.*    optimizer, base_lr and its batch rule, weight decay, warm-up, clipping
+  train.*    device, precision, threads, accumulation, logging, checkpoints, collapse, non-finite steps
+  eval.*     kNN, linear/MLP probes, fine-tuning, label-free metrics, report (eval=false: none)
+  METHOD.*   the method's own parameters (e.g. simclr.temperature)"""
+
+
 def _parser() -> argparse.ArgumentParser:
+    from selfsup import __version__
+
     p = argparse.ArgumentParser(prog="selfsup", usage=USAGE,
                                 description="The Cookbook of Self-Supervised Learning as software.")
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="train a method")
+    t = sub.add_parser("train", help="train a method", epilog=_SECTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("method")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=10 optim.base_lr=0.5 data=folder")
     t.add_argument("--show-config", action="store_true", help="print the resolved config and exit")

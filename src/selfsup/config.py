@@ -115,6 +115,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """What `selfsup eval` (and the end of `selfsup train`) runs; cookbook §3.7, §3.2, §2.6.2."""
+    enabled: bool = True                  # false (or the shorthand eval=false): `selfsup train` skips the final
+                                          # evaluation; `selfsup eval RUN_DIR` runs it later
     knn_k: int = 20                       # fmnist-knn protocol (DESIGN.md §4; DINO): the headline k
     knn_temperature: float = 0.07
     knn_ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # all in one pass (DINO reports 10/20/100/200)
@@ -254,6 +256,8 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
+    if key == "eval" and isinstance(value, bool):  # shorthand: eval=false skips the final evaluation
+        key = "eval.enabled"
     parts = key.split(".")
     valid = _all_keys(cfg) + [f"{cfg.method}.{k}" for k in _all_keys(cfg.params)] if cfg.params is not None else \
         _all_keys(cfg)

@@ -460,6 +460,10 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
 
     logger = Logger(run_dir, dist.is_main, start_step)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if warmup >= total_steps:
+        say(f"selfsup: WARNING optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers the whole run ({cfg.epochs} "
+            f"epochs): the learning rate never reaches its peak {lr:.4g} and never decays. Lower optim.warmup_epochs "
+            "(recipes warm up for about a tenth of the run) or train more epochs.")
     gen = torch.Generator(device=device)
     monitor_idx = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))
     monitor_idx = monitor_idx[: cfg.train.knn_monitor_size]
@@ -485,6 +489,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window,
                             train_data.fingerprint)
             last_good = (step, ckpt_path)
+            if not tty:  # a log file (SLURM, nohup) says where the run can be continued from
+                print(f"checkpoint: step {step} -> {ckpt_path}", flush=True)
 
     raw.train()
     try:
@@ -542,6 +548,11 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                         rec["embedding_std"] = spread
                     logger.log(rec)
                     window = []
+                    if dist.is_main and not tty and step % steps_per_epoch:  # epoch ends print their own line
+                        print(f"step {step}/{stop_step} epoch {step / steps_per_epoch:.2f} loss "
+                              f"{'nan' if loss is None else f'{loss:.4f}'} lr {cur_lr:.4g} "
+                              f"{images_seen / step_time:.0f} img/s eta "
+                              f"{(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
                     _on_collapse(CollapseMonitor.evidence(spread, None), step, cfg, segment, checkpoint, run_dir, say,
                                  device)
                 epoch_end = step % steps_per_epoch == 0

@@ -306,8 +306,8 @@ def load_folder(root: str | os.PathLike | None, split: str = "train", *, image_s
                 on_error: str = "skip", cache_dir: str | os.PathLike | None = None) -> ImageDataset:
     """Images under ``root/split`` (when that folder exists) or ``root``, as a memmapped :class:`ImageDataset`.
 
-    ``cache_dir`` defaults to ``root/.selfsup_cache`` and falls back to ``~/.cache/selfsup/folder`` when root is
-    read-only. Files that cannot be used (module docstring) are listed in ``skipped`` with the matching
+    ``cache_dir`` defaults to ``$XDG_CACHE_HOME/selfsup/folder`` (``~/.cache/selfsup/folder``), keyed by the folder's
+    absolute path, and falls back to ``root/.selfsup_cache`` when that cannot be written. Files that cannot be used (module docstring) are listed in ``skipped`` with the matching
     ``skip_reasons`` (``on_error="skip"``), or raise DataError naming the first of them (``"raise"``).
     ``fingerprint`` identifies the kept files (:func:`folder_fingerprint`).
     """
@@ -330,7 +330,8 @@ def load_folder(root: str | os.PathLike | None, split: str = "train", *, image_s
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {directory}")
     labels, classes = labels_from_subfolders(files)
 
-    cache = writable_cache_dir(cache_dir, base / ".selfsup_cache", cache_home() / "folder")
+    cache = writable_cache_dir(cache_dir, cache_home() / "folder", base / ".selfsup_cache")  # not in the user's
+    # image folder (shared, synced or read-only), unless the user's cache directory cannot be written
     key = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:12]
     stem = cache / f"{directory.name or 'root'}-{key}-{size}"
     data_path, index_path = stem.with_suffix(".u8"), stem.with_suffix(".json")
