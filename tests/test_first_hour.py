@@ -51,3 +51,49 @@ def test_a_warm_up_covering_the_whole_run_is_warned_about(tiny_fmnist, tmp_path,
             "optim.warmup_epochs=2"]
     assert main(args) == 0
     assert "optim.warmup_epochs=2 covers the whole run (2 epochs)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# selfsup compare
+
+
+def _fake_run(folder, data_name, temperature, knn, linear, rankme):
+    """A run directory as `selfsup compare` reads it: config.yaml and an eval.json with RankMe (not re-evaluated)."""
+    import yaml
+
+    from selfsup.config import build_config
+    from selfsup.methods import get_method
+
+    cfg = build_config("simclr", [f"data.name={data_name}", f"simclr.temperature={temperature}"],
+                       params_cls=get_method("simclr").params_cls)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (folder / "eval.json").write_text(json.dumps({"knn_top1": knn, "linear_top1": linear,
+                                                  "label_free": {"rankme": {"value": rankme},
+                                                                 "alpha_req": {"alpha": 1.0}}}))
+    return folder
+
+
+def test_compare_prints_its_table_and_a_caveat_under_four_runs(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / f"t{t}", "fashion_mnist", t, k, lin, r)
+            for t, k, lin, r in [(0.1, 84.0, 87.0, 80.0), (0.2, 85.0, 88.5, 90.0), (0.5, 83.0, 86.0, 60.0)]]
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("run "):].splitlines()
+    assert [ln.split()[0] for ln in table[1:4]] == ["t0.2", "t0.1", "t0.5"]  # best linear first
+    assert "88.50" in table[1] and "simclr.temperature=0.2" in table[1]
+    assert "Spearman with linear top-1: RankMe 1.00 over 3 runs (only 3 runs" in out
+    assert "highest RankMe -> t0.2" in out
+    html = (tmp_path / "cmp/compare.html").read_text()
+    assert "fewer than 4 runs is not evidence" in html
+    four = [*runs, _fake_run(tmp_path / "t1.0", "fashion_mnist", 1.0, 80.0, 84.0, 40.0)]
+    assert main(["compare", *map(str, four), "--out", str(tmp_path / "cmp4")]) == 0
+    assert "RankMe 1.00 over 4 runs;" in capsys.readouterr().out
+
+
+def test_compare_refuses_runs_on_different_datasets(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", "fashion_mnist", 0.1, 84.0, 87.0, 80.0)
+    b = _fake_run(tmp_path / "b", "cifar10", 0.1, 70.0, 75.0, 90.0)
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "different data (a: fashion_mnist, b: cifar10)" in err and not (tmp_path / "cmp").exists()

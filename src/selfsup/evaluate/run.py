@@ -245,6 +245,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
         if not (r / "config.yaml").exists():
             raise FileNotFoundError(f"{r} is not a selfsup run directory (no config.yaml)")
     configs = [flat_config(yaml.safe_load((r / "config.yaml").read_text())) for r in runs]
+    datasets = {r.name: _dataset_of(c) for r, c in zip(runs, configs, strict=True)}
+    if len(set(datasets.values())) > 1:
+        listed = ", ".join(f"{name}: {d}" for name, d in datasets.items())
+        raise ValueError(f"the runs were trained on different data ({listed}): RankMe and accuracies are not comparable "
+                         "across datasets, so they are not ranked together. Compare the runs of one dataset at a time.")
     ignore = {"out", "description", "resume", "resolved_views"}
     varying = sorted(k for k in set().union(*configs)
                      if k.split(".")[0] not in ignore and len({json.dumps(c.get(k)) for c in configs}) > 1)
@@ -262,4 +267,20 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
                      "rankme": lf.get("rankme", {}).get("value"),
                      "alpha_req": lf.get("alpha_req", {}).get("alpha"),
                      "knn_top1": result.get("knn_top1"), "linear_top1": result.get("linear_top1")})
+    from selfsup.report.compare import compare_text
+
+    print(compare_text(rows), flush=True)
     return write_compare_report(out_dir, rows)
+
+
+def _dataset_of(config: dict) -> str:
+    """What a run was trained and evaluated on: the dataset name, its folder for image folders, the splits and the
+    imbalance of the training subset."""
+    name = str(config.get("data.name"))
+    if name == "folder":
+        name += f" {config.get('data.root')}"
+    extras = [f"{k.split('.')[-1]}={config[k]}" for k in ("data.train_split", "data.test_split")
+              if config.get(k) not in (None, "train", "test")]
+    if config.get("data.imbalance_ratio", 1.0) not in (1, 1.0):
+        extras.append(f"imbalance_ratio={config['data.imbalance_ratio']}")
+    return name + (f" ({', '.join(extras)})" if extras else "")

@@ -88,6 +88,46 @@ def compare_summary(rows: list[dict]) -> dict:
     }
 
 
+MIN_RUNS_FOR_CORRELATION = 4  # with 3 runs a rank correlation takes one of 4 values (+-1, +-0.5): noise, not a trend
+
+
+def correlation_text(value: float | None, n: int) -> str:
+    """A Spearman correlation with its run count, and a caveat under :data:`MIN_RUNS_FOR_CORRELATION` runs."""
+    if value is None:
+        return f"undefined ({n} runs with both numbers; needs 2 or more with different values)"
+    caveat = (f" (only {n} runs: a rank correlation over fewer than {MIN_RUNS_FOR_CORRELATION} runs is not evidence "
+              "of a trend)" if n < MIN_RUNS_FOR_CORRELATION else "")
+    return f"{value:.2f} over {n} runs{caveat}"
+
+
+def compare_text(rows: list[dict], summary: dict | None = None) -> str:
+    """The comparison as plain text for the terminal: one line per run (best accuracy first), the correlations and
+    the run each criterion picks."""
+    summary = summary or compare_summary(rows)
+    acc_key = summary["accuracy_key"]
+
+    def cell(v, digits=2):
+        return f"{v:.{digits}f}" if h.is_number(v) else "-"
+
+    width = max([len(str(r.get("name", ""))) for r in rows] + [3])
+    lines = [f"{'run':<{width}}  {'kNN':>6}  {'linear':>6}  {'RankMe':>7}  {'a-ReQ':>5}  hyper-parameters"]
+    order = sorted(rows, key=lambda r: -r[acc_key] if h.is_number(r.get(acc_key)) else float("inf"))
+    for r in order:
+        lines.append(f"{str(r.get('name', '')):<{width}}  {cell(r.get('knn_top1')):>6}  {cell(r.get('linear_top1')):>6}"
+                     f"  {cell(r.get('rankme'), 1):>7}  {cell(r.get('alpha_req')):>5}  {_hparams_text(r.get('hparams'))}")
+    label = "linear top-1" if acc_key == "linear_top1" else "kNN top-1"
+    lines.append(f"Spearman with {label}: RankMe {correlation_text(summary['spearman_rankme'], summary['n_rankme'])}; "
+                 f"a-ReQ {correlation_text(summary['spearman_alpha_req'], summary['n_alpha_req'])}")
+    picks = summary["picks"]
+    lost = summary["accuracy_lost"]
+    lines.append("picks: " + "; ".join(
+        f"{what} -> {picks[key]}" + (f" ({lost[key]:.2f} pts below the best)" if h.is_number(lost.get(key)) and
+                                     key != "oracle" else "")
+        for key, what in (("oracle", f"best {label}"), ("rankme", "highest RankMe"), ("alpha_req", "a-ReQ nearest 1"))
+        if picks.get(key) is not None))
+    return "\n".join(lines)
+
+
 def plot_rankme_vs_accuracy(rows: list[dict], acc_key: str, path: Path) -> Path | None:
     """Scatter of RankMe against accuracy, one labeled point per run."""
     points = [r for r in rows if h.is_number(r.get("rankme")) and h.is_number(r.get(acc_key))]
@@ -149,8 +189,7 @@ def write_compare_report(out_dir: str | Path, rows: list[dict]) -> Path:
             + _ranked_table(rows, acc_key, acc_key, f"Ranked by {acc_label} (labels)") + "</div>")
 
     def rho(value, n) -> str:
-        return (f"<b>{value:.2f}</b> over {n} runs" if value is not None
-                else f"undefined ({n} runs with both numbers; needs 2 or more with different values)")
+        return h.esc(correlation_text(value, n))
 
     corr = (f"<p>Spearman rank correlation with {h.esc(acc_label)}: RankMe {rho(summary['spearman_rankme'], summary['n_rankme'])}"
             f"; α-ReQ {rho(summary['spearman_alpha_req'], summary['n_alpha_req'])}.</p>")
