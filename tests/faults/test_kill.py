@@ -24,7 +24,9 @@ _spec = importlib.util.spec_from_file_location("faults", Path(__file__).parents[
 faults = sys.modules["faults"] = importlib.util.module_from_spec(_spec)  # registered first: it defines dataclasses
 _spec.loader.exec_module(faults)
 
-STATEFUL = ["byol", "moco_v2", "swav", "dino"]
+# an EMA teacher (byol) and prototypes + a queue (swav) in CI; every method in `python benchmarks/faults.py`
+# (docs/results/faults_kill.md), where moco_v2 and dino, in this list before, survive too
+STATEFUL = ["byol", "swav"]
 
 
 @pytest.fixture(scope="module")

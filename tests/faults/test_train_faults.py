@@ -209,12 +209,21 @@ def _cli(root: Path, out: Path, *extra: str) -> list[str]:
             "eval.rotation=false", "eval.report=false", "eval.init_baseline=false", "eval.lidar_images=0", *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_preemption_checkpoints_exits_75_and_resumes_to_the_same_weights(sig, tmp_path):
-    root = _fmnist_like(tmp_path / "fmnist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(_cli(root, tmp_path / "straight"), env=env, capture_output=True, text=True)
+@pytest.fixture(scope="module")
+def straight_cli_run(tmp_path_factory):
+    """The data and an uninterrupted `selfsup train` run, shared by the preemption tests."""
+    base = tmp_path_factory.mktemp("preempt")
+    root = _fmnist_like(base / "fmnist")
+    straight = subprocess.run(_cli(root, base / "straight"), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
+    return root, base / "straight"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_checkpoints_exits_75_and_resumes_to_the_same_weights(sig, straight_cli_run, tmp_path):
+    root, straight = straight_cli_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "pre"
     proc = subprocess.Popen(_cli(root, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -229,7 +238,7 @@ def test_preemption_checkpoints_exits_75_and_resumes_to_the_same_weights(sig, tm
     assert 2 <= stopped < 16 and not (out / "backbone.safetensors").exists()
     resumed = subprocess.run(_cli(root, out, "resume=auto"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _state(tmp_path / "straight/checkpoints/last.pt"), _state(out / "checkpoints/last.pt")
+    a, b = _state(straight / "checkpoints/last.pt"), _state(out / "checkpoints/last.pt")
     assert b["step"] == 16 and _equal_states(a["method"], b["method"])
 
 
