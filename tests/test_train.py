@@ -163,10 +163,17 @@ def test_labelled_folder_uses_test_subfolder_only_when_present(tmp_path, capsys)
     assert main(_args("simclr", root, out, *fast)) == 0
     s = json.loads((out / "summary.json").read_text())
     assert "knn_top1" in s and s["dataset"] == "folder/train"
-    # without a test sub-folder there is no held-out split: no test accuracy is reported
+    # without a test sub-folder a stratified 10% of each class is held out and not trained on
+    capsys.readouterr()
     out2 = tmp_path / "no_test"
     assert main(_args("simclr", root / "train", out2, *fast)) == 0
-    assert "knn_top1" not in json.loads((out2 / "summary.json").read_text())
+    s = json.loads((out2 / "summary.json").read_text())
+    assert "knn_top1" in s and s["steps"] == (64 - 6) // 32  # 6 of 64 images (10% of each class, rounded) held out
+    assert "images (0.1 of each class, seed 0) are held out" in capsys.readouterr().out
+    # data.holdout=0: every image trained on, no test accuracy reported
+    out3 = tmp_path / "no_holdout"
+    assert main(_args("simclr", root / "train", out3, *fast, "data.holdout=0")) == 0
+    assert "knn_top1" not in json.loads((out3 / "summary.json").read_text())
     assert "label-based evaluation is skipped" in capsys.readouterr().out
 
 

@@ -43,7 +43,7 @@ HUE: Rule = (lambda v: 0 <= v <= 0.5, "in [0, 0.5]")
 # The keys every method shares. A key that is None ("the recipe decides") is not checked.
 CORE_RULES: dict[str, Rule] = {
     "seed": NON_NEGATIVE, "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1,
-    "data.image_size": AT_LEAST_1, "data.imbalance_ratio": (lambda v: v >= 1, ">= 1 (1 = the balanced split)"),
+    "data.image_size": AT_LEAST_1, "data.holdout": UNIT_OPEN, "data.imbalance_ratio": (lambda v: v >= 1, ">= 1 (1 = the balanced split)"),
     "model.width": AT_LEAST_1, "model.patch_size": AT_LEAST_1, "model.projector_hidden": AT_LEAST_1,
     "model.projector_out": AT_LEAST_1, "model.projector_layers": AT_LEAST_1,
     "views.size": AT_LEAST_1, "views.scale": SCALE_RANGE, "views.ratio": POSITIVE_RANGE, "views.hflip_p": UNIT,

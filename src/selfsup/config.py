@@ -36,6 +36,8 @@ class DataConfig:
     download: bool = True
     verify: bool = True                   # check official files against their published md5 (CIFAR); false for
                                           # your own files in an official format
+    holdout: float = 0.1                  # a labelled folder without a test sub-folder: this stratified fraction of
+                                          # each class is held out (not trained on) as its test split; 0: none
     imbalance_ratio: float = 1.0          # > 1: train on a power-law class-imbalanced subset of the train split
                                           # (largest / smallest class; selfsup.data.imbalance); the test split stays
 

@@ -23,6 +23,7 @@ import yaml
 
 from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
 from selfsup.data.datasets import ImageDataset, load_dataset
+from selfsup.data.holdout import holdout_split
 from selfsup.data.imbalance import power_law_subset
 from selfsup.data.types import DataInfo
 
@@ -328,10 +329,19 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
     if not d.test_split or train.labels is None:
         return train, None
     if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
-        # a folder without a test sub-folder has no held-out images: evaluating on the training images would
-        # report a number that is not a test accuracy
-        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: label-based evaluation is skipped "
-              f"(add {d.root}/{d.test_split}/<class>/... or set data.test_split)", flush=True)
+        # no test sub-folder: hold out a stratified part of the labelled images (evaluating on the training images
+        # would report a number that is not a test accuracy)
+        if d.holdout > 0:
+            train, test = holdout_split(train, d.holdout, cfg.seed)
+            if len(test):
+                print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: {len(test)} images ({d.holdout:g} of "
+                      f"each class, seed {cfg.seed}) are held out as the test split and not trained on; "
+                      f"{len(train)} are trained on (data.holdout=0 trains on all, without label-based "
+                      "evaluation)", flush=True)
+                return train, test
+        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder and data.holdout leaves no image out: "
+              f"label-based evaluation is skipped (add {d.root}/{d.test_split}/<class>/... or set data.holdout)",
+              flush=True)
         return train, None
     test = load_dataset(d.name, d.test_split, **kw)
     if train.classes and test.classes and train.classes != test.classes:

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.data.holdout import stratified_split  # noqa: F401  (re-exported: the probes' validation split)
+
 # SGD + momentum 0.9 with cosine decay, as in MoCo/SimCLR linear evaluation. The lr grid brackets the best lr for
 # standardized features: 0.01 on raw Fashion-MNIST pixels, 0.001-0.003 on noisy random 512-d features, 0.3-1.0 on
 # the default SimCLR run's 256-d features (val 88.20 / 88.27 / 87.63 % at 0.3 / 1 / 3 with wd 1e-4: the grid's top end
@@ -33,19 +35,6 @@ def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tens
     """Subtract the train mean and divide by the train std (per feature) in ``train`` and every other split."""
     mean, std = train.mean(dim=0), train.std(dim=0)
     return tuple((x - mean) / (std + eps) for x in (train, *others))
-
-
-def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices ``(fit, val)``: a seeded ``val_fraction`` of every class goes to validation."""
-    gen = torch.Generator().manual_seed(seed)
-    fit, val = [], []
-    for cls in labels.unique():
-        idx = (labels == cls).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = round(val_fraction * len(idx))
-        val.append(idx[:n_val])
-        fit.append(idx[n_val:])
-    return torch.cat(fit).sort().values, torch.cat(val).sort().values
 
 
 def cosine_factor(step: int, total: int) -> float:
