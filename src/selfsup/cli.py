@@ -13,6 +13,9 @@ USAGE = """selfsup train METHOD [key=value ...]   train a method, then evaluate 
 selfsup eval RUN_DIR [key=value ...]    evaluate a run: eval.json + report.html (every protocol of cookbook §3.7)
 selfsup eval BACKBONE data=NAME         evaluate an exported backbone (folder or .safetensors) on a dataset
 selfsup compare RUN_DIR... [--out DIR]  rank runs by RankMe and by probe accuracy side by side (cookbook Table 3)
+selfsup embed MODEL DATA --out F.npz    embeddings of a dataset (--split) or an image folder (.npz or .parquet)
+selfsup embed --query IMG --index F.npz nearest neighbours of an image in an embeddings file [-k 5]
+selfsup export MODEL --format onnx|timm --out PATH   the backbone as ONNX, or as timm weights + config
 selfsup recipes                         list methods and recipes with the cookbook section each comes from"""
 
 
@@ -45,7 +48,41 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default="compare", help="folder for compare.html (default ./compare)")
     sub.add_parser("recipes", help="list methods and recipes")
+    _add_embed(sub)
+    _add_export(sub)
     return p
+
+
+_MODEL_HELP = "a run directory, or an exported backbone (folder or .safetensors)"
+
+
+def _add_embed(sub) -> None:
+    e = sub.add_parser("embed", help="embeddings of a dataset or image folder; nearest-neighbour queries",
+                       description="selfsup embed MODEL DATA --out FILE.npz|FILE.parquet, or "
+                                   "selfsup embed --query IMAGE --index FILE [-k 5] (MODEL: the index's own by default)")
+    e.add_argument("model", nargs="?", metavar="MODEL", help=_MODEL_HELP)
+    e.add_argument("data", nargs="?", metavar="DATA", help="a dataset name (fashion_mnist, cifar10, ...) or a path "
+                   "to an image folder (class sub-folders give labels) or image file")
+    e.add_argument("--out", help="output file: .npz (NumPy) or .parquet (pyarrow)")
+    e.add_argument("--split", default="train", help="split of a named dataset (default train)")
+    e.add_argument("--root", help="where a named dataset lives (default: $SELFSUP_DATA, standard places, download)")
+    e.add_argument("--image-size", type=int, help="side folder and query images are resized to (default: the "
+                   "run's evaluation size; for a backbone, its ViT img_size or 64)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    e.add_argument("--query", metavar="IMAGE", help="an image to look up in --index")
+    e.add_argument("--index", metavar="FILE", help="an embeddings file written by selfsup embed")
+    e.add_argument("-k", type=int, default=5, help="neighbours to print (default 5)")
+
+
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="export a backbone as ONNX or as timm weights")
+    x.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    x.add_argument("--format", required=True, choices=("onnx", "timm"), dest="fmt",
+                   help="onnx: FILE.onnx (float images in [0, 1] in, features out); timm: a folder for "
+                        "timm.create_model('local-dir:FOLDER', pretrained=True)")
+    x.add_argument("--out", required=True, help="FILE.onnx, or the timm folder")
+    x.add_argument("--image-size", type=int, help="input side of the ONNX graph (default: the run's evaluation size)")
 
 
 def cmd_recipes() -> int:
@@ -72,8 +109,6 @@ def cmd_recipes() -> int:
 
 
 def cmd_train(args) -> int:
-    import yaml
-
     from selfsup.methods import get_method
 
     try:
@@ -97,7 +132,9 @@ def cmd_train(args) -> int:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 1
     if args.show_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        from selfsup.config_doc import commented_yaml
+
+        print(commented_yaml(cfg), end="")
         return 0
     from selfsup.data.datasets import DataError
     from selfsup.monitor import CollapseError
@@ -194,7 +231,73 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    """`selfsup embed`: write embeddings, or answer a nearest-neighbour query."""
+    from selfsup import embed
+
+    def run():
+        if args.query or args.index:
+            if not (args.query and args.index) or args.data or args.out:
+                raise embed.EmbedError("a query is `selfsup embed --query IMAGE --index FILE [-k 5]` (optionally with "
+                                       "MODEL first, when the model moved since the index was written)")
+            hits = embed.query(args.index, args.query, args.k, source=args.model, device=args.device)
+            print(embed.format_hits(hits))
+            return
+        if not (args.model and args.data and args.out):
+            raise embed.EmbedError("usage: selfsup embed MODEL DATA --out FILE.npz|FILE.parquet [--split test] "
+                                   "(or --query IMAGE --index FILE)")
+        embed.embed(args.model, args.data, args.out, split=args.split, root=args.root, image_size=args.image_size,
+                    batch_size=args.batch_size, device=args.device)
+
+    return _run_tool(run)
+
+
+def cmd_export(args) -> int:
+    """`selfsup export MODEL --format onnx|timm --out PATH`."""
+    from selfsup.export_formats import export
+
+    def run():
+        path = export(args.model, args.fmt, args.out, image_size=args.image_size)
+        print(f"selfsup export: {args.fmt} -> {path}")
+
+    return _run_tool(run)
+
+
+def _run_tool(run) -> int:
+    """Run a tool command with the package's exit codes: 2 usage/config, 1 runtime failure."""
+    from selfsup.data.datasets import DataError
+    from selfsup.runtime import WriteError
+
+    try:
+        run()
+    except ConfigError as e:  # EmbedError included: a usage mistake caught before any work
+        print(f"selfsup: {e}", file=sys.stderr)
+        return 2
+    except (DataError, WriteError) as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        if os.environ.get("SELFSUP_DEBUG"):
+            raise
+        print(f"selfsup: error: {e}\n(set SELFSUP_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _hoist_show_config(argv: list[str]) -> list[str]:
+    """``--show-config`` anywhere after ``train`` (before, between or after the overrides) moved right after it:
+    argparse stops reading positionals at the first option, so `train simclr --show-config epochs=3` would fail."""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] != "train" or "--show-config" not in argv[command + 1:]:
+        return argv
+    rest = [a for a in argv[command + 1:] if a != "--show-config"]
+    return [*argv[:command + 1], "--show-config", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _hoist_show_config(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     from selfsup.runtime import tune_malloc
 
@@ -207,5 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_compare(args)
     if args.command == "recipes":
         return cmd_recipes()
+    if args.command == "embed":
+        return cmd_embed(args)
+    if args.command == "export":
+        return cmd_export(args)
     _parser().print_help()
     return 2

@@ -404,3 +404,20 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu", *
         raise ValueError(f"weights in {weights} do not match the backbone described in {config_path}: {e}") from e
     model = model.eval()
     return (model if raw else ImageBackbone(model, *stats).eval()).to(device)
+
+
+def export_info(path: str | os.PathLike) -> dict:
+    """What an export's ``backbone.json`` says, checked as :func:`load_backbone` checks it, without the weights:
+    ``{"name", "in_chans", "kwargs", "spec", "mean", "std", "num_features", "export_id", "config_path"}``; ``mean`` and
+    ``std`` are None when the export records no normalization. For tools that need the recipe before (or instead of)
+    the network: ``selfsup embed``, ONNX and timm exports."""
+    _, config_path = _export_files(Path(path))
+    if not config_path.is_file():
+        raise FileNotFoundError(f"missing {config_path}: not a backbone export (write one with selfsup.export_backbone)")
+    config = _read_config(config_path)
+    num_features, export_id = _checked_fields(config, config_path)
+    name, in_chans, kwargs = _validated_spec(config["spec"], str(config_path))
+    stats = _normalization(config, in_chans, config_path)
+    return {"name": name, "in_chans": in_chans, "kwargs": kwargs, "spec": dict(config["spec"]),
+            "mean": stats[0] if stats else None, "std": stats[1] if stats else None,
+            "num_features": num_features, "export_id": export_id, "config_path": str(config_path)}
