@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup setup-dev data demo test lint clean
+.PHONY: setup setup-dev data demo test lint docs readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,16 @@ demo: setup
 test: setup-dev
 	$(BIN)/python -m pytest
 
+# The documentation site (docs/ -> site/); `mkdocs serve` previews it. tests/test_docs.py builds it too.
+docs: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The method tables of README.md and docs/index.md, from the registry (a test fails when they are stale).
+readme: setup-dev
+	$(BIN)/python -m selfsup.catalog_table --write README.md docs/index.md
+
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
