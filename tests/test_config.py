@@ -129,3 +129,23 @@ def test_extends_reports_a_missing_base_and_a_circle(tmp_path):
         load_recipe("m", "a", root=tmp_path)
     with pytest.raises(ConfigError, match="'c' extends 'datasets/nope', which does not exist"):
         load_recipe("m", "c", root=tmp_path)
+
+
+def test_yaml_boolean_words_reach_word_settings():
+    """YAML 1.1 reads off/on/yes/no and true/false as booleans; the settings that take words get their word."""
+    cfg = _cfg("simclr", "train.collapse=off", "train.channels_last=true", "eval.linear=no", "eval=off")
+    assert (cfg.train.collapse, cfg.train.channels_last) == ("off", "true")
+    assert cfg.eval.linear is False and cfg.eval.enabled is False
+
+
+def test_logger_and_data_keys_and_what_follows_the_images():
+    cfg = _cfg("simclr", "train.wandb=true", "train.wandb_mode=offline", "data=hf", "data.image_column=img")
+    assert cfg.train.wandb and cfg.data.name == "hf" and cfg.data.image_column == "img"
+    assert cfg.follow_images == {"views.size", "views.local_size"}  # another dataset than the recipe's
+    assert "follow_images" not in cfg.to_dict()  # bookkeeping, not a setting: never saved ...
+    with pytest.raises(ConfigError, match="unknown config key 'follow_images'"):  # ... nor set
+        _cfg("simclr", "follow_images=[]")
+    with pytest.raises(ConfigError, match="train.wandb_mode='sometimes' is not one of online, offline"):
+        _cfg("simclr", "train.wandb_mode=sometimes")
+    assert _cfg("simclr", "data=hf", "views.local_size=8").follow_images == {"views.size"}
+    assert not _cfg("simclr", "data=hf", "views.size=24").follow_images

@@ -445,6 +445,14 @@ def test_folder_cache_reused_without_decoding(tmp_path, monkeypatch):
     assert opened
 
 
+def test_folder_size_follows_its_images_when_not_given(tmp_path):
+    for i, (w, h) in enumerate([(12, 12), (12, 12), (20, 10), (30, 30)]):  # short sides 10, 12, 12, 30
+        save_png(tmp_path / "mixed" / f"{i}.png", np.zeros((h, w), np.uint8))
+    assert load_dataset("folder", root=tmp_path / "mixed").image_shape == (1, 12, 12)  # the median short side
+    assert fd.typical_side([(4000, 3000)] * 3) == fd.AUTO_SIZE_LIMIT  # phone photos: capped
+    assert fd.typical_side([(64, 48)]) == 48
+
+
 def test_folder_split_subdir_and_cache_fallback(tmp_path):
     save_png(tmp_path / "data" / "train" / "x" / "a.png", np.zeros((8, 8), np.uint8))
     save_png(tmp_path / "data" / "val" / "y" / "b.png", np.zeros((8, 8), np.uint8))

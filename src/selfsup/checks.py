@@ -209,14 +209,30 @@ def check_processes(cfg: Config, world_size: int) -> None:
                           f"divisible; use a multiple of {parts}, e.g. batch_size={max(parts, cfg.batch_size // parts * parts)}")
 
 
+def check_extras(cfg: Config) -> None:
+    """The optional packages the config asks for are installed (W&B logging, Hugging Face datasets)."""
+    import importlib.util
+
+    from selfsup.data.datasets import canonical_name
+
+    wanted = {"wandb": ("train.wandb=true", "wandb")} if cfg.train.wandb else {}
+    if canonical_name(cfg.data.name) == "hf":
+        wanted["datasets"] = ("data=hf", "hf")
+    for module, (setting, extra) in wanted.items():
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{setting} needs the {module} package, which is not installed: pip install "
+                              f"'selfsup[{extra}]' (or pip install {module})")
+
+
 def check_before_training(cfg: Config, *, resuming: bool) -> None:
     """The checks that depend on this machine, made before any data is read or file written (see module doc)."""
     check_values(cfg)
     check_device_available(cfg.train.device)
+    check_extras(cfg)
     check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.out is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the run directory
         check_out_dir(cfg.out, resuming=resuming)
 
 
 __all__ = ["check_values", "check_method_params", "check_before_training", "check_device_available",
-           "check_out_dir", "check_processes"]
+           "check_extras", "check_out_dir", "check_processes"]

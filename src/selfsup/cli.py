@@ -21,11 +21,12 @@ selfsup recipes                         list methods and recipes with the cookbo
 
 _SECTIONS = """config sections (key=value; `selfsup train METHOD --show-config` prints every key and value):
   epochs, batch_size, seed, out, resume, recipe    the run
-  data.*     dataset, root, splits, folder image size, on_error
+  data.*     dataset (named, folder, hf), root, splits, image size (folder, hf), hf columns, on_error
   model.*    backbone, width, stem, patch size, projector
   views.*    crop sizes and scales, flips, colour jitter, blur, solarize, multi-crop
   optim.*    optimizer, base_lr and its batch rule, weight decay, warm-up, clipping
-  train.*    device, precision, threads, accumulation, logging, checkpoints, collapse, non-finite steps
+  train.*    device, precision, threads, accumulation, logging (metrics.jsonl, TensorBoard, W&B: train.wandb),
+             checkpoints, collapse, non-finite steps
   eval.*     kNN, linear/MLP probes, fine-tuning, label-free metrics, report (eval=false: none)
   METHOD.*   the method's own parameters (e.g. simclr.temperature)"""
 

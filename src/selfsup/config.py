@@ -27,11 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"           # fashion_mnist | mnist | cifar10 | cifar100 | stl10 | folder
+    name: str = "fashion_mnist"           # fashion_mnist | mnist | cifar10 | cifar100 | stl10 | folder | hf
     root: str | None = None               # explicit data folder; else $SELFSUP_DATA, standard places, download
     train_split: str = "train"
     test_split: str | None = "test"       # None: no labelled evaluation split
-    image_size: int | None = None         # folder only: images are resized once to this size and cached
+    image_size: int | None = None         # folder and hf: images are resized once to this side (folders: cached);
+                                          # None: the images decide (recorded in the run's config.yaml)
     on_error: str = "skip"                # folder only: skip (and count) or raise on unreadable files
     download: bool = True
     verify: bool = True                   # check official files against their published md5 (CIFAR); false for
@@ -40,6 +41,8 @@ class DataConfig:
                                           # each class is held out (not trained on) as its test split; 0: none
     imbalance_ratio: float = 1.0          # > 1: train on a power-law class-imbalanced subset of the train split
                                           # (largest / smallest class; selfsup.data.imbalance); the test split stays
+    image_column: str = "image"           # hf only (a dataset saved with save_to_disk): the column of images
+    label_column: str | None = "label"    # hf only: the column of integer labels; null (or no such column): none
 
 
 @dataclass
@@ -112,6 +115,10 @@ class TrainConfig:
     collapse: str = "warn"                # off | warn | stop: the collapse monitor (selfsup.monitor; cookbook §2.6.2)
     nonfinite_limit: int = 10             # a step with a NaN/Inf loss or gradient is skipped (nothing updated); this
                                           # many in a row stop the run, naming the last good checkpoint (1: the first)
+    wandb: bool = False                   # also log to Weights & Biases (pip install 'selfsup[wandb]'): the config,
+                                          # the scalars by step; a resumed run continues the same W&B run
+    wandb_project: str = "selfsup"
+    wandb_mode: str = "online"            # online | offline (no account: RUN/wandb, uploaded later by `wandb sync`)
 
 
 @dataclass
@@ -139,6 +146,7 @@ class EvalConfig:
     report: bool = True                   # report.html: curves, spectra, guillotine table, t-SNE map, retrieval grid
     tsne_points: int = 2000
     init_baseline: bool = True            # kNN of the same network at initialization
+    baselines: bool = True                # pixel kNN/linear baselines in eval.json and the report (cached per dataset)
 
 
 @dataclass
@@ -159,12 +167,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     params: Any = None                    # the method's own dataclass, shown as a section named after the method
+    # Not a setting (never saved or overridden): the view keys whose recipe value was written for another dataset
+    # and that nobody set, so they follow the training images once those are known (selfsup.runs.settle_sizes).
+    follow_images: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        d = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "params"}
+        d = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in _NOT_SETTINGS}
         if self.params is not None:
             d[self.method] = to_plain(self.params)
         return d
+
+
+_NOT_SETTINGS = ("params", "follow_images")  # Config fields that are no `key=value` setting
 
 
 def to_plain(v: Any) -> Any:
@@ -206,6 +220,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML_WORDS:  # eval.linear=no
+            return _YAML_WORDS[value.lower()]
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -228,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads true/false (and on/off, yes/no) as booleans
+            return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key} expects a string, got {value!r}")
@@ -242,7 +260,7 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             keys += _all_keys(v, f"{prefix}{f.name}.")
-        elif f.name != "params":
+        elif f.name not in _NOT_SETTINGS:
             keys.append(prefix + f.name)
     return keys
 
@@ -258,7 +276,8 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
-    if key == "eval" and isinstance(value, bool):  # shorthand: eval=false skips the final evaluation
+    # shorthand: eval=false (or off, no) skips the final evaluation
+    if key == "eval" and (isinstance(value, bool) or str(value).lower() in _YAML_WORDS):
         key = "eval.enabled"
     parts = key.split(".")
     valid = _all_keys(cfg) + [f"{cfg.method}.{k}" for k in _all_keys(cfg.params)] if cfg.params is not None else \
@@ -269,7 +288,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         obj = cfg
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(obj)}
-        if part not in names or part == "params":
+        if part not in names or part in _NOT_SETTINGS:
             raise _unknown(key, valid)
         f = names[part]
         current = getattr(obj, part)
@@ -296,11 +315,16 @@ def _apply(cfg: Config, tree: dict, prefix: str = "") -> None:
             _set(cfg, full, v)
 
 
+_YAML_WORDS = {"on": True, "off": False, "yes": True, "no": False}  # YAML 1.1 booleans that are words too
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", value) with value parsed as YAML (so 0.2 is a float, [0.2,1] a list, null None)."""
     if "=" not in text or text.startswith("="):
         raise ConfigError(f"expected key=value, got {text!r} (e.g. epochs=10 or optim.base_lr=0.5)")
     key, raw = text.split("=", 1)
+    if raw.strip().lower() in _YAML_WORDS:  # train.collapse=off means "off", not False (a bool setting reads it)
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
@@ -370,6 +394,8 @@ def build_config(method: str, overrides: list[str] | None = None, *, params_cls:
     tree.pop("method", None)
     tree.pop("recipe", None)
     _apply(cfg, tree)
+    recipe_data = cfg.data.name
+    explicit = set()
     for k, v in pairs:
         if k == "data" and isinstance(v, str):  # shorthand: data=cifar10 means data.name=cifar10
             k = "data.name"
@@ -378,8 +404,21 @@ def build_config(method: str, overrides: list[str] | None = None, *, params_cls:
                               f"{v} ...); drop method=")
         if k != "recipe":
             _set(cfg, k, v)
+            explicit.add(k)
     _check(cfg)
+    cfg.follow_images = views_following_images(recipe_data, cfg.data.name, explicit)
     return cfg
+
+
+def views_following_images(recipe_data: str, data: str, explicit: set[str]) -> frozenset[str]:
+    """The view sizes that follow the training images: ``views.size`` and ``views.local_size`` when the data is not
+    the dataset the recipe was written for (its 28-pixel Fashion-MNIST views would shrink a folder of photos) and
+    the overrides did not set them. Empty when the recipe's own data is used: its sizes are the recipe's choice."""
+    from selfsup.data.datasets import canonical_name
+
+    if canonical_name(data) == canonical_name(recipe_data) or explicit & {"views", "views.size"}:
+        return frozenset()
+    return frozenset({"views.size"} | ({"views.local_size"} if "views.local_size" not in explicit else set()))
 
 
 def config_from_dict(d: dict, params_cls: type | None = None) -> Config:
@@ -400,6 +439,7 @@ def _check(cfg: Config) -> None:
         "train.channels_last": (cfg.train.channels_last, ("auto", "true", "false")),
         "data.on_error": (cfg.data.on_error, ("skip", "raise")),
         "train.collapse": (cfg.train.collapse, ("off", "warn", "stop")),
+        "train.wandb_mode": (cfg.train.wandb_mode, ("online", "offline")),
         "model.stem": (cfg.model.stem, ("cifar", "imagenet", "small")),
         "model.pool": (cfg.model.pool, ("cls", "mean")),
     }

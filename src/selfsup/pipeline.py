@@ -18,7 +18,7 @@ from selfsup.checks import check_before_training
 from selfsup.config import Config
 from selfsup.data.datasets import ImageDataset, describe_data
 from selfsup.evaluate.run import evaluate_run
-from selfsup.runs import build_method, load_data, resume_state
+from selfsup.runs import build_method, load_data, resume_state, settle_sizes
 from selfsup.runtime import save_json
 from selfsup.train import train
 
@@ -36,6 +36,7 @@ def pretrain(cfg: Config, train_data: ImageDataset | None = None, test_data: Ima
     check_before_training(cfg, resuming=state is not None or cfg.resume is not None)  # before any data or file
     if train_data is None:
         train_data, test_data = load_data(cfg)
+    settle_sizes(cfg, train_data)  # views.size follows the images unless chosen; before the method and config.yaml
     info = describe_data(train_data, cfg.data.name)
     if state is None and cfg.resume is not None:
         state = resume_state(cfg)

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from selfsup.config import Config, ConfigError, _set, config_from_dict, parse_override
-from selfsup.data.datasets import ImageDataset, load_dataset
+from selfsup.data.datasets import ImageDataset, canonical_name, load_dataset
 from selfsup.data.holdout import holdout_split
 from selfsup.data.imbalance import power_law_subset
 from selfsup.data.types import DataInfo
@@ -34,7 +34,8 @@ CHECKPOINT_FORMAT = 1  # raised when a checkpoint's layout changes in a way olde
 # Keys a resume may change (a trailing "." is a whole section). Everything else is what the run *is*.
 RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.log_every",
              "train.checkpoint_every", "train.knn_every", "train.nonfinite_limit", "train.collapse",
-             "train.knn_monitor_size", "train.device", "data.root", "data.download", "data.verify")
+             "train.knn_monitor_size", "train.device", "train.wandb", "train.wandb_project", "train.wandb_mode",
+             "data.root", "data.download", "data.verify")
 
 
 class CheckpointError(ValueError):
@@ -318,9 +319,12 @@ def load_run_encoder(run_dir: str | os.PathLike, cfg: Config, data: DataInfo, de
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
     """The run's train split and its labelled test split (None when there is none to evaluate on)."""
     d = cfg.data
-    kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify,
-              image_size=d.image_size or cfg.views.size if d.name == "folder" else None)
-    train = load_dataset(d.name, d.train_split, **kw)
+    name = canonical_name(d.name)
+    kw = dict(root=d.root, download=d.download, on_error=d.on_error, verify=d.verify, image_size=_source_size(cfg),
+              image_column=d.image_column, label_column=d.label_column)
+    train = load_dataset(name, d.train_split, **kw)
+    if name in ("folder", "hf"):  # the test images at the train images' size, whatever theirs are
+        kw["image_size"] = train.image_shape[1]
     if d.imbalance_ratio != 1.0:
         train = power_law_subset(train, d.imbalance_ratio, cfg.seed)
         sizes = torch.bincount(train.labels, minlength=train.num_classes or 0).tolist()
@@ -328,23 +332,78 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset | None]:
               f"{sizes} (the test split is unchanged)", flush=True)
     if not d.test_split or train.labels is None:
         return train, None
-    if d.name == "folder" and not (Path(d.root).expanduser() / d.test_split).is_dir():
-        # no test sub-folder: hold out a stratified part of the labelled images (evaluating on the training images
-        # would report a number that is not a test accuracy)
-        if d.holdout > 0:
-            train, test = holdout_split(train, d.holdout, cfg.seed)
-            if len(test):
-                print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder: {len(test)} images ({d.holdout:g} of "
-                      f"each class, seed {cfg.seed}) are held out as the test split and not trained on; "
-                      f"{len(train)} are trained on (data.holdout=0 trains on all, without label-based "
-                      "evaluation)", flush=True)
-                return train, test
-        print(f"selfsup: {d.root} has no '{d.test_split}' sub-folder and data.holdout leaves no image out: "
-              f"label-based evaluation is skipped (add {d.root}/{d.test_split}/<class>/... or set data.holdout)",
-              flush=True)
-        return train, None
-    test = load_dataset(d.name, d.test_split, **kw)
+    if name in ("folder", "hf") and not _has_test_split(cfg):
+        return _held_out(cfg, train)
+    test = load_dataset(name, d.test_split, **kw)
     if train.classes and test.classes and train.classes != test.classes:
         raise ValueError(f"the train and test splits have different classes ({train.classes} vs {test.classes}); "
                          "their labels would not match")
     return train, test
+
+
+def _source_size(cfg: Config) -> int | None:
+    """The side folder and hf images are resized to: ``data.image_size`` when set. Unset, the images decide (None),
+    except for a folder whose view size was chosen: it is read at ``views.size``, as before the images could decide
+    (so runs saved then are evaluated and resumed on the images they were trained on)."""
+    d = cfg.data
+    if d.image_size is not None or canonical_name(d.name) != "folder" or "views.size" in cfg.follow_images:
+        return d.image_size
+    return cfg.views.size
+
+
+def _has_test_split(cfg: Config) -> bool:
+    d = cfg.data
+    if canonical_name(d.name) == "hf":
+        from selfsup.data.hf import has_split
+
+        return has_split(d.root, d.test_split)
+    return (Path(d.root).expanduser() / d.test_split).is_dir()
+
+
+def _held_out(cfg: Config, train: ImageDataset) -> tuple[ImageDataset, ImageDataset | None]:
+    """A labelled folder or hf dataset without a test split: a stratified part of its images held out as one
+    (evaluating on the training images would report a number that is not a test accuracy)."""
+    d = cfg.data
+    where = f"{d.root} has no '{d.test_split}' " + ("split" if canonical_name(d.name) == "hf" else "sub-folder")
+    if d.holdout > 0:
+        train, test = holdout_split(train, d.holdout, cfg.seed)
+        if len(test):
+            print(f"selfsup: {where}: {len(test)} images ({d.holdout:g} of each class, seed {cfg.seed}) are held out "
+                  f"as the test split and not trained on; {len(train)} are trained on (data.holdout=0 trains on all, "
+                  "without label-based evaluation)", flush=True)
+            return train, test
+    print(f"selfsup: {where} and data.holdout leaves no image out: label-based evaluation is skipped (add a "
+          f"'{d.test_split}' split or set data.holdout)", flush=True)
+    return train, None
+
+
+def settle_sizes(cfg: Config, train: ImageDataset) -> None:
+    """Set the view sizes that follow the training images, in ``cfg``, before the method is built and config.yaml is
+    written (so a resume and ``selfsup eval`` see what training saw).
+
+    Only the keys in ``cfg.follow_images`` change: the recipe's size was written for another dataset and nobody set
+    it (a folder of 96-pixel photos should not be trained on Fashion-MNIST's 28-pixel views). ``views.size`` becomes
+    the images' side (a multiple of ``model.patch_size`` for a ViT), multi-crop's ``views.local_size`` keeps the
+    recipe's ratio to it, and one line says so. A folder's or hf dataset's ``data.image_size`` is recorded as the
+    side its images were read at. An explicit ``views.size`` always wins (it is never in ``follow_images``).
+    """
+    follow, cfg.follow_images = cfg.follow_images, frozenset()  # settled once: a second call changes nothing
+    if "views.size" not in follow:
+        return
+    side = min(train.image_shape[1:])
+    if canonical_name(cfg.data.name) in ("folder", "hf") and cfg.data.image_size is None:
+        cfg.data.image_size = side
+    v, unit = cfg.views, cfg.model.patch_size if cfg.model.backbone.startswith("vit") else 1
+    size, local = max(unit, side // unit * unit), v.local_size
+    if "views.local_size" in follow and v.n_local:
+        local = min(size, max(unit, round(size * v.local_size / v.size / unit) * unit))
+    if (size, local) == (v.size, v.local_size):
+        return
+    notes = (f" (a multiple of model.patch_size={unit})" if size != side else "") + \
+        (f", views.local_size {local} (the recipe's {v.local_size}/{v.size} ratio)" if local != v.local_size else "")
+    print(f"selfsup: views.size follows the images: {size}{notes} (set views.size=N to choose; the recipe's "
+          f"{v.size} was written for its own dataset)", flush=True)
+    v.size, v.local_size = size, local
+    from selfsup.checks import check_values
+
+    check_values(cfg)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -34,6 +33,7 @@ from selfsup.data.types import DataError, DataInfo
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
+from selfsup.loggers import Logger
 from selfsup.monitor import CollapseError, CollapseMonitor
 from selfsup.nn.backbones import export_backbone
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
@@ -46,7 +46,6 @@ from selfsup.runtime import (
     remove_stale_temp_files,
     save_json,
     select_device,
-    write_error,
 )
 
 _OTHER_STREAM = 0x2545F491  # XORed into the step seed for the global RNG (dropout, drop-path): not the views' stream
@@ -67,49 +66,6 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
-
-
-class Logger:
-    """metrics.jsonl always (rank 0), TensorBoard when installed, a progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():  # a resumed run: drop records from steps that will be redone (and a line cut short
-            keep = []           # by a kill or a full disk), atomically: a kill now loses nothing
-            for ln in self.path.read_text().splitlines():
-                try:
-                    if json.loads(ln).get("step", 0) <= start_step:
-                        keep.append(ln)
-                except (ValueError, AttributeError):
-                    continue
-            atomic_write_bytes(self.path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard is an optional extra
-            self.tb = None
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a full disk: name the file and the fix (the checkpoints hold the run)
-            raise write_error(self.path, e, note="the records written before are intact") from e
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def state_is_finite(module: torch.nn.Module) -> bool:
@@ -458,7 +414,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                "changes": state.get("changes", {}) if state is not None else {}}
     segments = [*segments, segment]
 
-    logger = Logger(run_dir, dist.is_main, start_step)
+    logger = Logger(run_dir, dist.is_main, start_step, cfg)  # metrics.jsonl, TensorBoard, W&B (train.wandb)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     if warmup >= total_steps:
         say(f"selfsup: WARNING optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers the whole run ({cfg.epochs} "

@@ -201,11 +201,13 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         classes=("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
     ),
     "folder": DatasetInfo("folder", None, None, _IMAGENET_MEAN, _IMAGENET_STD, splits=()),
+    "hf": DatasetInfo("hf", None, None, _IMAGENET_MEAN, _IMAGENET_STD, splits=()),  # a save_to_disk folder
 }
+_USER_DATA = ("folder", "hf")  # datasets of any images: their size and statistics are not known in advance
 
 _ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10", "imagefolder": "folder",
-            "image_folder": "folder"}
+            "image_folder": "folder", "huggingface": "hf", "hugging_face": "hf"}
 
 
 def canonical_name(name: str) -> str:
@@ -220,9 +222,10 @@ def canonical_name(name: str) -> str:
 
 
 def dataset_stats(name: str, channels: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Default per-channel ``(mean, std)`` for normalization; "folder": ImageNet for RGB, (0.5,), (0.5,) for gray."""
+    """Default per-channel ``(mean, std)`` for normalization; "folder", "hf": ImageNet for RGB, (0.5,), (0.5,) for
+    gray."""
     info = DATASET_INFO[canonical_name(name)]
-    if info.name == "folder" and channels == 1:
+    if info.name in _USER_DATA and channels == 1:
         return (0.5,), (0.5,)
     return info.mean, info.std
 
@@ -293,13 +296,16 @@ def _locate(info: DatasetInfo, split: str, root, download: bool) -> Path:
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, *, download: bool = True,
                  image_size: int | None = None, on_error: str = "skip",
-                 cache_dir: str | os.PathLike | None = None, verify: bool = True) -> ImageDataset:
+                 cache_dir: str | os.PathLike | None = None, verify: bool = True, image_column: str = "image",
+                 label_column: str | None = "label") -> ImageDataset:
     """Load ``split`` of dataset ``name`` as uint8 (N, C, H, W) (see the module docstring for where it looks).
 
-    ``name``: fashion_mnist (fmnist, fashion-mnist), mnist, cifar10, cifar100, stl10, folder. Splits: train, test;
-    stl10 also unlabeled and train+unlabeled (labels None); folder: ``root/split`` when it exists, else ``root``.
-    ``image_size`` resizes folder images only (default 64); fixed-size datasets accept None or their own size,
-    since resizing is the view pipeline's job. ``on_error`` ("skip" | "raise") applies to unreadable folder images;
+    ``name``: fashion_mnist (fmnist, fashion-mnist), mnist, cifar10, cifar100, stl10, folder, hf. Splits: train,
+    test; stl10 also unlabeled and train+unlabeled (labels None); folder: ``root/split`` when it exists, else
+    ``root``; hf (a dataset written by ``save_to_disk``, :mod:`selfsup.data.hf`): a DatasetDict's split, or the
+    single Dataset as train, with its ``image_column`` and ``label_column``. ``image_size`` resizes folder and hf
+    images only (None: the images decide); fixed-size datasets accept None or their own size, since resizing is the
+    view pipeline's job. ``on_error`` ("skip" | "raise") applies to unreadable folder images;
     corrupt files of the official datasets always raise DataError.
 
     ``verify`` (CIFAR only for now) checks each file against the md5 of the official release (as torchvision
@@ -312,6 +318,10 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if key == "folder":
         return load_folder(root, split, image_size=image_size, on_error=on_error, cache_dir=cache_dir)
+    if key == "hf":
+        from selfsup.data.hf import load_hf  # `datasets` is an optional extra, imported only when asked for
+
+        return load_hf(root, split, image_column=image_column, label_column=label_column, image_size=image_size)
     info = DATASET_INFO[key]
     if split not in info.splits:
         raise ValueError(f"unknown split {split!r} for {key}; valid: {', '.join(info.splits)}")

@@ -52,7 +52,10 @@ from selfsup.data.download import atomic_write_json, cache_home, writable_cache_
 from selfsup.data.types import DataError, ImageDataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-DEFAULT_IMAGE_SIZE = 64
+DEFAULT_IMAGE_SIZE = 64  # when no image header can be read to decide one (every file is then skipped anyway)
+AUTO_SIZE_LIMIT = 224  # the most the images decide on their own: the standard ImageNet crop. Bigger photos would
+                       # make large caches and slow views for a first run; data.image_size=N chooses any size
+_SIZE_SAMPLE = 256     # image headers read (evenly spaced over the sorted files) to decide the size
 _CACHE_VERSION = 2  # 2: file entries carry the permission bits; skip reasons reworded
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
@@ -160,6 +163,34 @@ def folder_fingerprint(entries: list[list]) -> str:
     """
     payload = json.dumps([[f, size, mtime] for f, size, mtime, *_ in entries], separators=(",", ":"))
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- sizing
+
+
+def typical_side(sizes: list[tuple[int, int]]) -> int:
+    """The square side images of these ``(width, height)`` sizes are resized to when nobody chose one: their
+    median short side (so one odd thumbnail or panorama does not decide), at most :data:`AUTO_SIZE_LIMIT`."""
+    if not sizes:
+        raise ValueError("typical_side needs at least one image size")
+    shorts = sorted(min(w, h) for w, h in sizes)
+    return min(shorts[len(shorts) // 2], AUTO_SIZE_LIMIT)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception:  # noqa: BLE001 - an unreadable file is skipped (with its reason) by the decoding pass
+        return None
+
+
+def folder_side(directory: Path, files: list[str]) -> int:
+    """:func:`typical_side` of up to :data:`_SIZE_SAMPLE` files (evenly spaced), from their headers alone."""
+    step = max(1, len(files) // _SIZE_SAMPLE)
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        sizes = [s for s in pool.map(_header_size, (directory / f for f in files[::step])) if s is not None]
+    return typical_side(sizes) if sizes else DEFAULT_IMAGE_SIZE
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -306,6 +337,9 @@ def load_folder(root: str | os.PathLike | None, split: str = "train", *, image_s
                 on_error: str = "skip", cache_dir: str | os.PathLike | None = None) -> ImageDataset:
     """Images under ``root/split`` (when that folder exists) or ``root``, as a memmapped :class:`ImageDataset`.
 
+    Each image is resized (short side) and center-cropped to ``image_size``; None: the images decide
+    (:func:`folder_side`: their median short side, at most :data:`AUTO_SIZE_LIMIT`).
+
     ``cache_dir`` defaults to ``$XDG_CACHE_HOME/selfsup/folder`` (``~/.cache/selfsup/folder``), keyed by the folder's
     absolute path, and falls back to ``root/.selfsup_cache`` when that cannot be written. Files that cannot be used (module docstring) are listed in ``skipped`` with the matching
     ``skip_reasons`` (``on_error="skip"``), or raise DataError naming the first of them (``"raise"``).
@@ -320,14 +354,14 @@ def load_folder(root: str | os.PathLike | None, split: str = "train", *, image_s
     if not base.is_dir():
         raise DataError(f"image folder {base} does not exist or is not a directory; check data.root")
     directory = base / split if (base / split).is_dir() else base
-    size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
-    if size < 1:
+    if image_size is not None and int(image_size) < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size}")
     files, problems = scan_images(directory)
     files, entries, vanished = _stat_files(directory, files)
     problems += vanished
     if not files and not problems:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {directory}")
+    size = folder_side(directory, files) if image_size is None else int(image_size)
     labels, classes = labels_from_subfolders(files)
 
     cache = writable_cache_dir(cache_dir, cache_home() / "folder", base / ".selfsup_cache")  # not in the user's
