@@ -33,6 +33,11 @@ from selfsup.runtime import cpu_model  # noqa: E402
 
 FLOORS = {"knn_top1": 86.2, "linear_top1": 84.5}  # pixel floors on Fashion-MNIST (DESIGN.md §4)
 COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "RankMe", "minutes", "epochs", "date", "commit", "machine"]
+# the table's numbers as the package ships them (the wheel has no docs/): selfsup.evaluate.baselines reads them to
+# show a run of a shipped recipe what its reference run measured
+REFERENCE = HERE.parent / "src" / "selfsup" / "recipes" / "reference.json"
+NUMERIC = {"kNN": "knn_top1", "linear": "linear_top1", "MLP": "mlp_top1", "RankMe": "rankme", "minutes": "minutes",
+           "epochs": "epochs"}
 
 
 def commit() -> str:
@@ -99,8 +104,10 @@ def row(s: dict) -> list[str]:
             s.get("commit", "?"), s.get("cpu", "?")]
 
 
-def write_table(rows: list[list[str]], path: Path) -> None:
-    """Merge ``rows`` into the Markdown table at ``path`` (a row per method:recipe; the newest run wins)."""
+def write_table(rows: list[list[str]], path: Path, reference: Path | None = None) -> None:
+    """Merge ``rows`` into the Markdown table at ``path`` (a row per method:recipe; the newest run wins); with
+    ``reference``, rewrite that reference.json from the merged table too (``tests/test_catalog_bench.py`` checks
+    that the shipped one equals docs/results/fashion_mnist.md)."""
     begin, end = "<!-- catalog-table:begin -->", "<!-- catalog-table:end -->"
     text = path.read_text() if path.exists() else f"# Fashion-MNIST results\n\n{begin}\n{end}\n"
     if begin not in text:
@@ -118,6 +125,50 @@ def write_table(rows: list[list[str]], path: Path) -> None:
     lines += ["| " + " | ".join(r) + " |" for _, r in sorted(table.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    if reference is not None:
+        write_reference(path, reference)
+
+
+def _number(text: str) -> float | None:
+    """A table cell as a number: "83.21 ✗" -> 83.21 (the floor mark dropped), "–" -> None."""
+    text = text.replace("✗", "").strip()
+    return None if text in ("", "–", "-", "?") else float(text)
+
+
+def parse_table(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The rows between the catalog markers of a results page: ``{(method, recipe): {column: cell}}``."""
+    begin, end = "<!-- catalog-table:begin -->", "<!-- catalog-table:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"no catalog table (between {begin} and {end}) in the results page")
+    body = text.split(begin, 1)[1].split(end, 1)[0]
+    rows = {}
+    for line in body.strip().splitlines()[2:]:  # header and separator first
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(COLUMNS):
+            rows[(cells[0], cells[1])] = dict(zip(COLUMNS, cells, strict=True))
+    return rows
+
+
+def reference_entries(text: str) -> dict[str, dict]:
+    """``{"method:recipe": entry}`` from a results page: the numeric columns as numbers (None for "–"), date,
+    commit and machine as text, and ``batch_size`` from the recipe (catalog runs never override the batch)."""
+    from selfsup.config import load_recipe
+
+    out = {}
+    for (method, recipe), cells in sorted(parse_table(text).items()):
+        entry = {key: _number(cells[col]) for col, key in NUMERIC.items()}
+        entry.update(date=cells["date"], commit=cells["commit"], machine=cells["machine"])
+        entry["batch_size"] = load_recipe(method, recipe).get("batch_size")
+        out[f"{method}:{recipe}"] = entry
+    return out
+
+
+def write_reference(table: Path, reference: Path, dataset: str = "fashion_mnist") -> None:
+    """Replace ``dataset``'s entries of ``reference`` (the package's reference.json) by the rows of ``table``."""
+    refs = json.loads(reference.read_text()) if reference.exists() else {}
+    refs[dataset] = reference_entries(table.read_text())
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    reference.write_text(json.dumps(refs, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def main() -> None:
@@ -125,6 +176,8 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="method:recipe, e.g. moco_v2:default")
     p.add_argument("--out", default="runs/catalog")
     p.add_argument("--table", default=str(HERE.parent / "docs/results/fashion_mnist.md"))
+    p.add_argument("--reference", default=str(REFERENCE), help="the package's reference.json, rewritten from the "
+                   "table ('' to leave it alone)")
     p.add_argument("--threads", type=int, default=0, help="train.num_threads for every run (0: torch's default)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (output in each run's train.log)")
     p.add_argument("extra", nargs="*", help="overrides for every run (after --)")
@@ -139,7 +192,8 @@ def main() -> None:
     def finish(s: dict) -> None:
         rows.append(row(s))
         print("| " + " | ".join(rows[-1]) + " |", flush=True)
-        write_table(rows, Path(a.table))  # after every run: a stopped benchmark keeps its finished rows
+        # after every run: a stopped benchmark keeps its finished rows
+        write_table(rows, Path(a.table), Path(a.reference) if a.reference else None)
 
     if a.jobs <= 1:
         for method, recipe, out in specs:

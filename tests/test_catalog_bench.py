@@ -67,3 +67,40 @@ def test_rows_merge_into_the_table_and_mark_the_floors(tmp_path):
     assert "86.30 |" in lines[0] and "✗" not in lines[0].split("|")[3]   # the newer dcl row replaced the old one
     lines = [catalog.row(dict(_EVALUATED, knn_top1=86.1, linear_top1=84.4, wall_minutes=1, cpu="X"))]
     assert lines[0][2] == "86.10 ✗" and lines[0][3] == "84.40 ✗"
+
+
+# ----------------------------------------------------------------------------------------------- reference.json
+
+RESULTS = Path(__file__).parents[1] / "docs" / "results" / "fashion_mnist.md"
+
+
+def test_the_shipped_reference_equals_the_results_table():
+    """selfsup/recipes/reference.json (in the wheel) and docs/results/fashion_mnist.md (not in it) cannot drift:
+    after a catalog run, `python benchmarks/catalog.py` rewrites both (or regenerate the JSON with
+    catalog.write_reference)."""
+    shipped = json.loads(catalog.REFERENCE.read_text())["fashion_mnist"]
+    assert shipped == catalog.reference_entries(RESULTS.read_text())
+    # an independent reading of the Markdown: every row's numbers, cell by cell
+    lines = RESULTS.read_text().split("<!-- catalog-table:begin -->")[1].split("<!-- catalog-table:end -->")[0]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines.strip().splitlines()[2:]]
+    assert len(rows) == len(shipped) > 0
+    for method, recipe, knn, lin, mlp, rankme, minutes, epochs, date, sha, machine in rows:
+        entry = shipped[f"{method}:{recipe}"]
+        for cell, key in ((knn, "knn_top1"), (lin, "linear_top1"), (mlp, "mlp_top1"), (rankme, "rankme"),
+                          (minutes, "minutes"), (epochs, "epochs")):
+            want = None if cell == "–" else float(cell.split()[0])
+            assert entry[key] == want, (method, key)
+        assert (entry["date"], entry["commit"], entry["machine"]) == (date, sha, machine)
+
+
+def test_cells_parse_to_numbers_and_the_reference_follows_the_table(tmp_path):
+    assert catalog._number("83.21 ✗") == 83.21 and catalog._number("–") is None and catalog._number("8") == 8.0
+    table, reference = tmp_path / "t.md", tmp_path / "reference.json"
+    reference.write_text(json.dumps({"cifar10": {"x:default": {"knn_top1": 1.0}}}))  # other datasets are kept
+    catalog.write_table([catalog.row(dict(_EVALUATED, wall_minutes=9.5, cpu="X", date="d", commit="c"))], table,
+                        reference)
+    refs = json.loads(reference.read_text())
+    assert refs["cifar10"] == {"x:default": {"knn_top1": 1.0}}
+    assert refs["fashion_mnist"] == {"dcl:default": {
+        "knn_top1": 84.79, "linear_top1": 87.47, "mlp_top1": 89.81, "rankme": 88.58, "minutes": 9.5,
+        "epochs": 12.0, "date": "d", "commit": "c", "machine": "X", "batch_size": 256}}

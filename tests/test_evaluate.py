@@ -10,12 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+from selfsup.evaluate import probe as probe_module
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify, knn_top1
 from selfsup.evaluate.probe import (
     OnlineLinearProbe,
+    confusion_matrix,
     cosine_factor,
+    fixed_num_threads,
     linear_probe,
+    per_class_top1,
+    select_head,
     stratified_split,
     train_linear_heads,
 )
@@ -207,6 +212,88 @@ def test_one_pass_grid_equals_each_head_trained_alone_with_torch_sgd():
                 step += 1
         torch.testing.assert_close(weight[:, g].T, head.weight.detach(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(bias[g], head.bias.detach(), atol=1e-5, rtol=1e-4)
+
+
+GRID = [(lr, wd) for lr in (0.01, 0.1, 1.0) for wd in (0.0, 1e-4)]
+
+
+@pytest.mark.parametrize("best, lr_edge, wd_edge, notes", [
+    ((1.0, 1e-4), "largest", "largest",
+     ["the chosen lr 1 is the largest in the grid: a larger one may do better; set eval.linear_lrs=[0.1,1,3,10]",
+      "the chosen weight decay 0.0001 is the largest in the grid: a larger one may do better; set "
+      "eval.linear_weight_decays=[0,0.0001,0.0003,0.001]"]),
+    ((0.01, 0.0), "smallest", None,  # a weight decay of 0 cannot go lower: no edge
+     ["the chosen lr 0.01 is the smallest in the grid: a smaller one may do better; set "
+      "eval.linear_lrs=[0.001,0.00333333,0.01,0.1]"]),
+    ((0.1, 0.0), None, None, []),
+])
+def test_select_head_flags_a_choice_at_the_edge_of_its_grid(best, lr_edge, wd_edge, notes):
+    val = torch.tensor([90.0 if point == best else 50.0 for point in GRID])
+    index, choice = select_head(GRID, val)
+    assert GRID[index] == best
+    assert (choice["lr_edge"], choice["weight_decay_edge"], choice["edge_notes"]) == (lr_edge, wd_edge, notes)
+    assert choice["lr_at_grid_edge"] is (lr_edge is not None)
+
+
+def test_confusion_matrix_and_per_class_accuracy_count_by_hand():
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 0, 1, 1, 0])
+    cm = confusion_matrix(y, pred, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert per_class_top1(cm) == [pytest.approx(200 / 3), 100.0, 0.0, None]  # class 3 absent: None
+
+
+def test_linear_probe_returns_the_tested_heads_predictions_and_confusion():
+    x, y = clusters(600, num_classes=3, dim=8, spread=1.5, seed=2)
+    res = linear_probe(x[:400], y[:400], x[400:], y[400:], lrs=(0.1,), weight_decays=(0.0,), epochs=3,
+                       return_predictions=True)
+    pred = res["predictions"]
+    assert res["top1"] == pytest.approx(100 * (pred == y[400:]).double().mean().item())
+    assert res["confusion"] == confusion_matrix(y[400:], pred, 3).tolist()
+    assert "predictions" not in linear_probe(x[:400], y[:400], x[400:], y[400:], lrs=(0.1,), epochs=1)
+
+
+def test_linear_probe_is_thread_count_invariant():
+    """Bit-identity is the claim: the same features give the same choice, accuracy and predictions at 1 and 2
+    threads (the probe runs on probe.PROBE_THREADS whatever the caller set)."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 10, (2600,), generator=gen)
+    x = torch.randn(10, 128, generator=gen)[y] + 4 * torch.randn(2600, 128, generator=gen)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(linear_probe(x[:2200], y[:2200], x[2200:], y[2200:], epochs=2, return_predictions=True))
+            assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(before)
+    one, two = runs
+    assert torch.equal(one["predictions"], two["predictions"])
+    assert (one["top1"], one["lr"], one["weight_decay"], one["grid"]) == (two["top1"], two["lr"],
+                                                                          two["weight_decay"], two["grid"])
+
+
+def test_the_linear_heads_train_on_the_probe_thread_count(monkeypatch):
+    seen = []
+    real = probe_module.train_linear_heads
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "train_linear_heads", spy)
+    x, y = clusters(200, num_classes=2, dim=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        linear_probe(x[:150], y[:150], x[150:], y[150:], lrs=(0.1,), weight_decays=(0.0,), epochs=1)
+        assert seen == [probe_module.PROBE_THREADS] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), fixed_num_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cosine_factor_endpoints():

@@ -14,9 +14,11 @@ from PIL import Image
 from selfsup.evaluate.retrieval import DIFFERENT_COLOR, SAME_COLOR, nearest_neighbors, retrieval_grid
 from selfsup.report.compare import compare_summary, spearman, write_compare_report
 from selfsup.report.embedding_map import embed_2d, plot_embedding_map, subset_indices
-from selfsup.report.report import write_report
+from selfsup.report.plots import plot_confusion
+from selfsup.report.report import mlp_stopping, split_title, write_report
 
-ALL_SECTIONS = ("headline", "training", "guillotine", "spectra", "map", "retrieval", "details", "images", "raw")
+ALL_SECTIONS = ("headline", "baselines", "classes", "settings", "training", "guillotine", "spectra", "map",
+                "retrieval", "details", "images", "raw")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -48,19 +50,38 @@ def _full_result(report_dir):
     spectrum_with_zeros = [10.0, 5.0, 1.0, 0.1, 0.0, 0.0]
     return {
         "encoder": {"source": "backbone", "path": "runs/x", "name": "resnet10", "num_features": 16},
-        "dataset": {"name": "fashion_mnist", "n_train": 90, "n_test": 60, "labels": True, "num_classes": 3,
-                    "class_names": ["T-shirt/top", "Trouser", "Pullover"]},
+        "dataset": {"name": "fashion_mnist/train", "n_train": 90, "n_test": 60, "labels": True, "num_classes": 3,
+                    "class_names": ["T-shirt/top", "Trouser", "Pullover"], "train_split": "fashion_mnist/train",
+                    "test_split": "fashion_mnist/test"},
+        "knn_top1": 85.18, "linear_top1": 87.44, "mlp_top1": 88.0,
+        "run": {"method": "simclr", "epochs": 1, "batch_size": 256},
+        "baselines": {"knn_top1": 86.2, "linear_top1": 84.5, "pixels": "1x28x28 = 784 values per image",
+                      "preprocessing": "per-pixel standardization with the train split's mean and std",
+                      "notes": ["a class-stratified subset of 9 of the 90 train images (seed 0)"]},
+        "reference": {"recipe": "simclr:default", "knn_top1": 86.62, "linear_top1": 88.0, "mlp_top1": 90.0,
+                      "epochs": 12.0, "batch_size": 256, "minutes": 9.5, "machine": "AMD EPYC", "commit": "abc1234",
+                      "date": "2026-11-30", "differs": ["epochs 1 (reference 12)"]},
+        "below_baseline": ["kNN 85.18% is below the pixel baseline 86.20%: this encoder has not yet learned more "
+                           "than the pixels (train longer: the recipe's reference run reached kNN 86.62% after 12 "
+                           "epochs)"],
+        "hyperparameters": {"method": "simclr", "simclr.temperature": 0.1, "batch_size": 256, "optim.name": "adamw",
+                            "views.scale": [0.4, 1.0], "model.backbone": "resnet10"},
         "seconds": {"total": 1.5},
         "knn": {"top1": {"10": 85.0, "20": 85.18, "100": 84.1}, "majority_top1": {"10": 84.0, "20": 84.9},
                 "protocol": {"k": [10, 20, 100], "temperature": 0.07, "metric": "cosine", "weighting": "exp",
                              "n_train": 90}},
         "linear": {"top1": 87.444, "val_top1": 88.2, "lr": 0.3, "weight_decay": 0.0, "epochs": 30,
+                   "confusion": [[18, 2, 0], [1, 19, 0], [4, 1, 15]], "per_class_top1": [90.0, 95.0, 75.0],
+                   "edge_notes": ["the chosen lr 0.3 is the largest in the grid: a larger one may do better; set "
+                                  "eval.linear_lrs=[0.1,0.3,0.9,3]"],
                    "grid": [{"lr": lr, "weight_decay": wd, "val_top1": 80 + 10 * lr - wd}
                             for lr in (0.1, 0.3) for wd in (0.0, 0.001)]},
-        "mlp": {"top1": 88.0, "val_top1": 88.9, "best_epoch": 2, "epochs_run": 3, "hidden": [64],
+        "mlp": {"top1": 88.0, "val_top1": 88.9, "best_epoch": 2, "epochs_run": 3, "max_epochs": 20,
+                "stopped_early": True, "hidden": [64],
                 "curve": [{"epoch": e, "train_loss": 1 / e, "val_top1": 80 + e} for e in (1, 2, 3)]},
         "online_probe_top1": 81.2,
-        "label_free": {"rankme": {"value": 180.3, "eps": 1e-7, "n_samples": 60, "dim": 16, "split": "test"},
+        "label_free": {"rankme": {"value": 180.3, "eps": 1e-7, "n_samples": 60, "dim": 16, "split": "test",
+                                  "how_to_read": "Effective rank of the embeddings"},
                        "alpha_req": {"alpha": 1.2, "r2": 0.99, "fit_range": [11, 100]},
                        "lidar": {"value": 40.1, "n_images": 500, "n_views": 8},
                        "rotation": {"top1": 91.0, "chance": 25.0}},
@@ -106,7 +127,7 @@ def test_full_report_is_self_contained_with_every_section(tmp_path):
     assert not [a for a in attrs if re.match(r"\s*(https?:)?//", a, flags=re.IGNORECASE)]
     assert "<script" not in text.lower() and "url(" not in text.lower()
     uris = _data_uris(text)
-    assert len(uris) == 9  # loss, lr, accuracy, spectra, map, retrieval, MLP curve, decoder grid, extra JPEG
+    assert len(uris) == 10  # loss, lr, accuracy, confusion, spectra, map, retrieval, MLP curve, decoder, extra JPEG
     for uri in uris:
         assert uri.startswith("data:image/png;base64,")
         png = base64.b64decode(uri.split(",", 1)[1], validate=True)
@@ -119,6 +140,57 @@ def test_full_report_is_self_contained_with_every_section(tmp_path):
     # headline numbers, 2 decimals for percentages, the protocol next to them
     assert "85.18%" in text and "87.44%" in text and "k=20" in text and "T=0.07" in text
     assert "180.3" in text and "R² 0.990" in text
+
+
+def test_report_says_what_good_looks_like_first(tmp_path):
+    """The title names the split, the below-baseline verdict comes before any number, the baselines and the
+    recipe reference (with what differs), settings, per-class accuracy, grid-edge and early-stopping notes."""
+    text = write_report(tmp_path, _full_result(tmp_path)).read_text(encoding="utf-8")
+    assert "<title>selfsup eval: resnet10 on fashion_mnist test split (60 images)</title>" in text
+    alert = text.index("Below the pixel baseline")
+    assert alert < text.index('<section id="headline">')
+    assert "reached kNN 86.62% after 12" in text[alert:alert + 600]
+    baselines = text[text.index('<section id="baselines">'):text.index('<section id="classes">')]
+    for needle in ("86.20%", "84.50%", "Recipe reference (simclr:default)", "86.62%", "12 epochs", "commit abc1234",
+                   "epochs 1 (reference 12)", "subset of 9 of the 90"):
+        assert needle in baselines, needle
+    classes = text[text.index('<section id="classes">'):text.index('<section id="settings">')]
+    # Pullover (75%) is the worst class and is most often confused with T-shirt/top (4 of 20)
+    assert '<td class="num worst">75.00%</td>' in classes and "T-shirt/top (4)" in classes
+    assert "simclr.temperature" in text and "0.4, 1" in text  # settings table
+    assert "The chosen lr 0.3 is the largest in the grid" in text and "eval.linear_lrs=[0.1,0.3,0.9,3]" in text
+    assert "Stopped early at epoch 3 of 20 (best epoch 2)" in text
+    assert "How to read: Effective rank of the embeddings" in text
+
+
+@pytest.mark.parametrize("dataset, title", [
+    ({"name": "fashion_mnist/train", "test_split": "fashion_mnist/test", "n_test": 10000, "labels": True},
+     "fashion_mnist test split (10,000 images)"),
+    ({"name": "folder/photos (train, 10% held out)", "test_split": "folder/photos (held-out 10%)", "n_test": 123,
+      "labels": True}, "folder/photos: held-out 10% of train (123 images)"),
+    ({"name": "folder/train", "test_split": "folder/val", "n_test": 5, "labels": True}, "folder val split (5 images)"),
+    ({"name": "fashion_mnist/train", "n_test": 60, "labels": True}, "fashion_mnist test split (60 images)"),
+    ({"name": "blobs/train", "labels": False, "n_test": 0},
+     "blobs/train (no labelled test split: label-free metrics on the train split)"),
+])
+def test_split_title_names_where_the_accuracies_come_from(dataset, title):
+    assert split_title(dataset) == title
+
+
+def test_mlp_stopping_sentence():
+    assert mlp_stopping({"best_epoch": 4, "epochs_run": 9, "max_epochs": 20, "stopped_early": True}) == \
+        "stopped early at epoch 9 of 20 (best epoch 4)"
+    assert mlp_stopping({"best_epoch": 20, "epochs_run": 20, "max_epochs": 20, "stopped_early": False}) == \
+        "ran all 20 epochs (best epoch 20); the best was the last: more epochs may help"
+    assert mlp_stopping({"best_epoch": 5, "epochs_run": 7}) == "best epoch 5 of 7"  # an older eval.json
+    assert mlp_stopping({}) == ""
+
+
+def test_plot_confusion_writes_a_png_and_rejects_mismatched_labels(tmp_path):
+    path = plot_confusion([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
+    assert Image.open(path).size[0] > 100
+    with pytest.raises(ValueError, match="one label per row"):
+        plot_confusion([[3, 1], [0, 4]], ["a"], tmp_path / "bad.png")
 
 
 def test_decoder_grid_and_missing_extra_image(tmp_path):

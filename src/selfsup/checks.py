@@ -63,6 +63,10 @@ CORE_RULES: dict[str, Rule] = {
     "eval.linear_epochs": AT_LEAST_1, "eval.finetune_epochs": AT_LEAST_1, "eval.finetune_train_size": NON_NEGATIVE,
     "eval.lidar_images": NON_NEGATIVE, "eval.lidar_views": AT_LEAST_2, "eval.decoder_steps": AT_LEAST_1,
     "eval.tsne_points": NON_NEGATIVE,
+    "eval.linear_lrs": (lambda v: v is None or (len(v) > 0 and all(x > 0 for x in v)),
+                        "null (the default grid) or a non-empty list of learning rates > 0"),
+    "eval.linear_weight_decays": (lambda v: v is None or (len(v) > 0 and all(x >= 0 for x in v)),
+                                  "null (the default grid) or a non-empty list of weight decays >= 0"),
 }
 
 # What a zero means for each key where 0 is allowed, so the message can say it (e.g. train.max_steps=0: all epochs).

@@ -131,6 +131,9 @@ class EvalConfig:
     knn_ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # all in one pass (DINO reports 10/20/100/200)
     linear: bool = True
     linear_epochs: int = 30               # on cached features; fits well under a minute on 2 CPU cores
+    linear_lrs: list[float] | None = None  # the linear probe's lr grid (None: 0.001 ... 1.0, 7 values; all trained
+                                          # in one pass); the report flags a choice at the grid's edge
+    linear_weight_decays: list[float] | None = None  # its weight-decay grid (None: [0, 1e-4])
     mlp: bool = True                      # 2-layer MLP probe with early stopping (§3.7.1, Fig. 13)
     linear_aug: bool = False              # linear probe on augmented views: one encoder pass per epoch (slow on CPU)
     finetune: bool = False                # full fine-tuning (§3.5.4; layer-wise lr decay for ViTs): slow on CPU

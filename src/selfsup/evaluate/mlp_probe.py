@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.evaluate.probe import cosine_factor, standardize, stratified_split
+from selfsup.evaluate.probe import (
+    PROBE_THREADS,
+    cosine_factor,
+    fixed_num_threads,
+    standardize,
+    stratified_split,
+)
 from selfsup.optim import param_groups
 
 # Defaults, measured on the frozen 256-d features of the reference SimCLR run (ResNet-10 w32, Fashion-MNIST, 54k fit
@@ -58,6 +64,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 8192) -> float
     return 100.0 * correct / x.shape[0]
 
 
+@fixed_num_threads()  # thread-count invariant on its own too (a decorator: entered at every call)
 def fit_mlp(
     x_fit: Tensor,
     y_fit: Tensor,
@@ -171,14 +178,36 @@ def mlp_probe(
     seed: int = 0,
     num_classes: int | None = None,
     device: str | torch.device | None = None,
+    return_predictions: bool = False,
 ) -> dict:
     """MLP probe with early stopping (module docstring); returns test/val top-1 (percent) and the training curve.
 
     ``hidden=(1024,)`` gives a 2-layer MLP, ``(1024, 1024)`` a 3-layer one. ``device=None`` uses the device of
     ``train_feats``. The result holds ``top1`` (test, best-val weights), ``val_top1`` (best), ``best_epoch``,
     ``epochs_run``, ``hidden``, ``curve`` (one ``{"epoch", "train_loss", "val_top1"}`` per epoch run) and
-    ``protocol`` (every choice made).
+    ``protocol`` (every choice made), ``stopped_early`` and ``max_epochs``; ``return_predictions=True`` adds the
+    test ``predictions`` (a tensor). Runs on ``PROBE_THREADS`` CPU threads (:func:`fixed_num_threads`), so the
+    result does not depend on the caller's ``torch.get_num_threads()``.
     """
+    with fixed_num_threads():
+        return _mlp_probe(train_feats, train_labels, test_feats, test_labels, hidden=hidden, epochs=epochs,
+                          patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                          val_fraction=val_fraction, seed=seed, num_classes=num_classes, device=device,
+                          return_predictions=return_predictions)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, chunk: int = 8192) -> Tensor:
+    """Predicted classes of ``model`` in eval mode (the training flag is restored)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[s : s + chunk]).argmax(dim=1) for s in range(0, x.shape[0], chunk)])
+    model.train(was_training)
+    return out
+
+
+def _mlp_probe(train_feats, train_labels, test_feats, test_labels, *, hidden, epochs, patience, lr, weight_decay,
+               batch_size, val_fraction, seed, num_classes, device, return_predictions) -> dict:
     _check_features(train_feats, train_labels, "train")
     _check_features(test_feats, test_labels, "test")
     hidden = tuple(int(h) for h in hidden)
@@ -203,11 +232,15 @@ def mlp_probe(
         hidden=hidden, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, seed=seed,
     )  # fmt: skip
+    predictions = predict(model, x_test)
     return {
-        "top1": accuracy(model, x_test, y_test),
+        "top1": 100.0 * int((predictions == y_test).sum()) / len(y_test),
         "val_top1": curve[best_epoch - 1]["val_top1"],
         "best_epoch": best_epoch,
         "epochs_run": len(curve),
+        "max_epochs": epochs,
+        "stopped_early": len(curve) < epochs,
+        **({"predictions": predictions.cpu()} if return_predictions else {}),
         "hidden": list(hidden),
         "curve": curve,
         "protocol": {
@@ -229,5 +262,6 @@ def mlp_probe(
             "n_fit": len(fit),
             "n_val": len(val),
             "n_test": int(test_feats.shape[0]),
+            "threads": PROBE_THREADS,
         },
     }

@@ -11,8 +11,9 @@ head with the best validation top-1 and report its test top-1. The test split is
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,29 @@ from selfsup.data.holdout import stratified_split  # noqa: F401  (re-exported: t
 # compensates); 60k x 256 features x 14 heads take ~10 s on one CPU thread.
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4)
+
+# The probes run their small computations on one CPU thread, whatever torch.get_num_threads() says: matrix products
+# and reductions split their work by thread count, so float32 sums came out in a different order at 1 and 2 threads
+# (linear top-1 81.99 vs 81.96 % on one run's features). One thread is available on every machine; the probes are
+# small (the linear grid on 60k x 256 features: ~10 s), so the cost is a few seconds (see the issue-13 note).
+PROBE_THREADS = 1
+
+
+@contextlib.contextmanager
+def fixed_num_threads(n: int = PROBE_THREADS) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` and restore the caller's thread count afterwards.
+
+    Makes CPU results independent of the caller's thread count (the same work split, so the same float rounding);
+    on CUDA it changes nothing. Exceptions propagate after the count is restored.
+    """
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
@@ -127,23 +151,85 @@ def head_accuracies(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, chunk: i
     return torch.where(finite.cpu(), acc, torch.full_like(acc, float("nan")))
 
 
+def _edge(values: list[float], chosen: float, *, low_is_edge: bool = True) -> str | None:
+    """"largest" / "smallest" when ``chosen`` is that end of a grid of several values, else None.
+
+    ``low_is_edge=False``: the smallest end is no edge when it is 0 (a weight decay cannot go lower)."""
+    distinct = sorted(set(values))
+    if len(distinct) < 2:
+        return None
+    if chosen == distinct[-1]:
+        return "largest"
+    if chosen == distinct[0] and (low_is_edge or chosen > 0):
+        return "smallest"
+    return None
+
+
+def _widened(values: list[float], edge: str) -> list[float]:
+    """The grid extended by x3 and x10 past the edge it was chosen at (a value of 0 is replaced by 1e-5 first)."""
+    distinct = sorted(set(values))
+    if edge == "largest":
+        top = distinct[-1] or 1e-5
+        return [*distinct[-2:], 3 * top, 10 * top]
+    return [distinct[0] / 10, distinct[0] / 3, *distinct[:2]]
+
+
+def edge_notes(grid: list[tuple[float, float]], best: int) -> list[str]:
+    """One sentence per hyper-parameter chosen at the end of its grid: the best value may lie outside it.
+
+    The config keys named are ``eval.linear_lrs`` / ``eval.linear_weight_decays``."""
+    notes = []
+    for i, (name, key) in enumerate((("lr", "eval.linear_lrs"), ("weight decay", "eval.linear_weight_decays"))):
+        values = [point[i] for point in grid]
+        edge = _edge(values, grid[best][i], low_is_edge=i == 0)
+        if edge is None:
+            continue
+        wider = ",".join(f"{v:g}" for v in _widened(values, edge))
+        direction = "larger" if edge == "largest" else "smaller"
+        notes.append(f"the chosen {name} {grid[best][i]:g} is the {edge} in the grid: a {direction} one may do "
+                     f"better; set {key}=[{wider}]")
+    return notes
+
+
 def select_head(grid: list[tuple[float, float]], val_acc: Tensor) -> tuple[int, dict]:
     """Index of the head with the best validation top-1 (first on ties, diverged heads never chosen) and the
-    result entries every grid probe reports: val_top1, lr, weight_decay, lr_at_grid_edge and the whole grid."""
+    result entries every grid probe reports: val_top1, lr, weight_decay, the edge flags (``lr_edge``,
+    ``weight_decay_edge``: "largest", "smallest" or None; ``lr_at_grid_edge``; ``edge_notes``) and the whole grid."""
     if bool(val_acc.isnan().all()):
         lrs = sorted({lr for lr, _ in grid})
         raise RuntimeError(f"every linear-probe head diverged (lrs={lrs}); try smaller learning rates.")
     best = int(torch.nan_to_num(val_acc, nan=-1.0).argmax())
-    lrs = [lr for lr, _ in grid]
+    lr_edge = _edge([lr for lr, _ in grid], grid[best][0])
     return best, {
         "val_top1": val_acc[best].item(),
         # the chosen lr is the grid's smallest or largest: the best lr may lie outside it, widen `lrs`
-        "lr_at_grid_edge": len(set(lrs)) > 1 and grid[best][0] in (min(lrs), max(lrs)),
+        "lr_at_grid_edge": lr_edge is not None,
+        "lr_edge": lr_edge,
+        "weight_decay_edge": _edge([wd for _, wd in grid], grid[best][1], low_is_edge=False),
+        "edge_notes": edge_notes(grid, best),
         "lr": grid[best][0],
         "weight_decay": grid[best][1],
         "grid": [{"lr": lr, "weight_decay": wd, "val_top1": acc}
                  for (lr, wd), acc in zip(grid, val_acc.tolist(), strict=True)],
     }
+
+
+def head_predictions(x: Tensor, weight: Tensor, bias: Tensor, chunk: int = 8192) -> Tensor:
+    """Predicted class ``(N,)`` of a single head (``weight (D, 1, C)``, ``bias (1, C)``)."""
+    return torch.cat([_head_logits(x[s : s + chunk], weight, bias)[:, 0].argmax(dim=1)
+                      for s in range(0, x.shape[0], chunk)]) if x.shape[0] else torch.empty(0, dtype=torch.long)
+
+
+def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """``(C, C)`` counts, row = true class, column = predicted class (scikit-learn's convention)."""
+    idx = labels.long().cpu() * num_classes + predictions.long().cpu()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_top1(confusion: Tensor) -> list[float | None]:
+    """Recall of every class in percent (diagonal / row sum); None for a class absent from the split."""
+    totals = confusion.sum(dim=1)
+    return [100.0 * int(confusion[c, c]) / int(n) if int(n) else None for c, n in enumerate(totals)]
 
 
 def _check_inputs(feats: Tensor, labels: Tensor, name: str) -> None:
@@ -170,6 +256,7 @@ def linear_probe(
     refit: bool = False,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    return_predictions: bool = False,
 ) -> dict:
     """fmnist-linear: the linear probe protocol of DESIGN.md §4; returns test/val top-1 (percent) and the choice.
 
@@ -178,7 +265,20 @@ def linear_probe(
     ``refit=False`` (default) that head itself is tested; with ``refit=True`` a fresh head with the chosen
     hyper-parameters is retrained on the whole train split and tested. ``epochs=30`` rather than the cookbook's
     ~100: on cached features the problem is convex and the lr grid makes up for it (see ``DEFAULT_LRS``).
+
+    The tested head's ``confusion`` matrix (rows: true class) and ``per_class_top1`` come with the result;
+    ``return_predictions=True`` adds its test ``predictions`` (a tensor, not JSON). The work runs on
+    ``PROBE_THREADS`` CPU threads (:func:`fixed_num_threads`): the result does not depend on the caller's count.
     """
+    with fixed_num_threads():
+        return _linear_probe(train_feats, train_labels, test_feats, test_labels, lrs=lrs, weight_decays=weight_decays,
+                             epochs=epochs, batch_size=batch_size, momentum=momentum, val_fraction=val_fraction,
+                             seed=seed, refit=refit, num_classes=num_classes, device=device,
+                             return_predictions=return_predictions)
+
+
+def _linear_probe(train_feats, train_labels, test_feats, test_labels, *, lrs, weight_decays, epochs, batch_size,
+                  momentum, val_fraction, seed, refit, num_classes, device, return_predictions) -> dict:
     _check_inputs(train_feats, train_labels, "train")
     _check_inputs(test_feats, test_labels, "test")
     if not 0.0 < val_fraction < 1.0:
@@ -226,10 +326,17 @@ def linear_probe(
             momentum=momentum,
             seed=seed,
         )
-    test_acc = head_accuracies(x_test, test_labels.long().to(device), weight, bias)[0].item()
+    y_test = test_labels.long().to(device)
+    test_acc = head_accuracies(x_test, y_test, weight, bias)[0].item()
+    predictions = head_predictions(x_test, weight, bias)
+    num_classes = max(num_classes, int(y_test.max()) + 1 if len(y_test) else 0)
+    confusion = confusion_matrix(y_test, predictions, num_classes)
     return {
         "top1": test_acc,
         **choice,
+        "confusion": confusion.tolist(),
+        "per_class_top1": per_class_top1(confusion),
+        **({"predictions": predictions.cpu()} if return_predictions else {}),
         "epochs": epochs,
         "refit": refit,
         "protocol": {
@@ -247,6 +354,7 @@ def linear_probe(
             "n_fit": len(fit),
             "n_val": len(val),
             "n_test": int(test_feats.shape[0]),
+            "threads": PROBE_THREADS,  # whatever torch.get_num_threads() says: thread-count invariant
         },
     }
 

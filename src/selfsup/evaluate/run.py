@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from selfsup.config import Config, EvalConfig
-from selfsup.data.datasets import ImageDataset, dataset_stats, describe_data
+from selfsup.data.datasets import ImageDataset, canonical_name, dataset_stats, describe_data
+from selfsup.evaluate.baselines import recipe_reference
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.suite import evaluate_model
@@ -35,6 +36,58 @@ HEADLINE = ("knn_top1", "linear_top1", "mlp_top1", "online_probe_top1", "knn_top
 def _global_views(view_maker):
     """The method's global views only (local crops have another size): LiDAR's view distribution."""
     return view_maker.global_views() if hasattr(view_maker, "global_views") else None
+
+
+def run_hyperparameters(cfg: Config, summary: dict | None = None, resolved_views: list | None = None) -> dict:
+    """The settings a reader needs to judge a run, flat ``{"section.key": value}``: the method's parameters, batch,
+    optimizer (with the lr actually used, from summary.json), epochs, views (crop size and scale of the first
+    global view as resolved at training time, from config.yaml's ``resolved_views`` when given; multi-crop) and
+    backbone."""
+    summary = summary or {}
+    d = cfg.to_dict()
+    hp: dict = {"method": cfg.method, "recipe": cfg.recipe, "data": cfg.data.name}
+    hp.update({f"{cfg.method}.{k}": v for k, v in (d.get(cfg.method) or {}).items()})
+    hp.update({"epochs": cfg.epochs, "batch_size": cfg.batch_size})
+    for key in ("name", "base_lr", "lr_rule", "weight_decay", "warmup_epochs", "momentum"):
+        hp[f"optim.{key}"] = d["optim"][key]
+    if summary.get("lr") is not None:
+        hp["optim.lr (used)"] = summary["lr"]
+    first = resolved_views[0] if resolved_views else {}
+    resolved = first if isinstance(first, dict) else {}
+    hp["views.size"] = resolved.get("size", cfg.views.size)
+    hp["views.scale"] = resolved.get("scale", cfg.views.scale)
+    hp["views.n_local"] = cfg.views.n_local
+    if cfg.views.n_local:
+        hp["views.local_size"], hp["views.local_scale"] = cfg.views.local_size, list(cfg.views.local_scale)
+    hp["model.backbone"] = cfg.model.backbone
+    if cfg.model.backbone.startswith("resnet"):
+        hp["model.width"], hp["model.stem"] = cfg.model.width, cfg.model.stem
+    hp["model.projector"] = (f"{cfg.model.projector_layers} layers, {cfg.model.projector_hidden} hidden -> "
+                             f"{cfg.model.projector_out}" + (", last BN" if cfg.model.projector_last_bn else ""))
+    hp["seed"] = cfg.seed
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}
+
+
+def _resolved_views(run_dir: Path) -> list | None:
+    """``resolved_views`` of the run's config.yaml (what each view really used), None when absent or unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()).get("resolved_views")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def run_reference(cfg: Config) -> dict | None:
+    """The shipped recipe's measured numbers when the run used that recipe on that dataset (else None), with the
+    settings where this run differs from the reference run."""
+    try:
+        dataset = canonical_name(cfg.data.name)
+    except (KeyError, ValueError):
+        return None
+    run = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "imbalance_ratio": cfg.data.imbalance_ratio,
+           "max_steps": cfg.train.max_steps}
+    return recipe_reference(dataset, cfg.method, cfg.recipe, run=run)
 
 
 def init_knn(init_dir: Path, train_data, test_data, mean, std, cfg: Config, device) -> float:
@@ -83,6 +136,10 @@ def evaluate_run(
              "run": {k: summary.get(k) for k in ("method", "recipe", "epochs", "steps", "batch_size", "lr",
                                                  "train_seconds", "samples_per_second", "device", "cpu",
                                                  "skipped_files", "nonfinite_steps", "collapse_warnings")}}
+    extra["hyperparameters"] = run_hyperparameters(cfg, summary, _resolved_views(run_dir))
+    reference = run_reference(cfg)
+    if reference is not None:
+        extra["reference"] = reference
     if labelled and cfg.eval.init_baseline and (run_dir / "init").exists():
         extra["knn_top1_init"] = init_knn(run_dir / "init", train_data, test_data, mean, std, cfg, device)
     if probe is None and "online_probe_top1" in summary:  # measured at the end of training; kept in the eval
@@ -100,6 +157,7 @@ def evaluate_run(
     for key in HEADLINE:
         if key in result:
             summary[key] = result[key]
+    summary.update(_baseline_fields(result))
     lf = result.get("label_free", {})
     for key, sub, field in (("rankme", "rankme", "value"), ("lidar", "lidar", "value"),
                             ("rotation_top1", "rotation", "top1")):
@@ -117,7 +175,21 @@ def evaluate_run(
     return summary
 
 
+def _baseline_fields(result: dict) -> dict:
+    """``pixel_knn_top1``, ``pixel_linear_top1`` and ``below_baseline`` (sentences) for summary.json / the headline."""
+    out = {}
+    base = result.get("baselines") or {}
+    for key in ("knn_top1", "linear_top1"):
+        if base.get(key) is not None:
+            out[f"pixel_{key}"] = base[key]
+    if "below_baseline" in result:
+        out["below_baseline"] = result["below_baseline"]
+    return out
+
+
 def headline(summary: dict) -> str:
+    """One line of the evaluation's numbers; the pixel baselines in brackets and, when the run is below one of them,
+    a sentence saying so (evaluate/baselines.py)."""
     parts = []
     names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "mlp_top1": "MLP top-1",
              "online_probe_top1": "online probe", "rankme": "RankMe", "rotation_top1": "rotation proxy"}
@@ -126,7 +198,13 @@ def headline(summary: dict) -> str:
             parts.append(f"{name} {summary[key]:.2f}{'%' if key.endswith('top1') else ''}")
     if "knn_top1_init" in summary:
         parts.append(f"(untrained network: kNN {summary['knn_top1_init']:.2f}%)")
-    return ", ".join(parts) if parts else "no labelled test split; label-free metrics only"
+    pixels = [f"{name} {summary[key]:.2f}%" for key, name in (("pixel_knn_top1", "kNN"), ("pixel_linear_top1", "linear"))
+              if summary.get(key) is not None]
+    if pixels:
+        parts.append(f"(pixel baseline: {', '.join(pixels)})")
+    text = ", ".join(parts) if parts else "no labelled test split; label-free metrics only"
+    warnings = summary.get("below_baseline") or []
+    return text + "".join(f"\n  WARNING: {w}" for w in warnings)
 
 
 def evaluate(
@@ -218,7 +296,7 @@ def evaluate_backbone(target: str | Path, cfg: Config) -> dict:
                             dtype=autocast_dtype(cfg.train.precision, device), seed=cfg.seed, out_dir=out,
                             extra={"encoder": {"source": "backbone", "path": str(target),
                                                "name": _backbone_name(target)}})
-    flat = dict(result)
+    flat = {**result, **_baseline_fields(result)}
     lf = result.get("label_free", {})
     if "rankme" in lf:
         flat["rankme"] = lf["rankme"]["value"]

@@ -24,10 +24,30 @@ from selfsup.data.datasets import ImageDataset
 from selfsup.evaluate.features import extract_features, extract_view_features
 from selfsup.evaluate.guillotine import projector_features
 from selfsup.evaluate.knn import knn_classify
-from selfsup.evaluate.probe import linear_probe
+from selfsup.evaluate.probe import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, linear_probe
 from selfsup.evaluate.spectrum import alpha_req, covariance_eigenvalues, lidar, rankme
 
 RANKME_SAMPLES = 10_000  # RankMe depends on N (it is capped by min(N, D)): a fixed N keeps runs comparable
+
+# How to read each label-free number: one sentence each, written into eval.json next to the value and shown in the
+# report. Sources: cookbook §3.7.2 (RankMe eq. 17, Table 3; alpha-ReQ), §2.6.2 (dimensional collapse), the papers.
+HOW_TO_READ = {
+    "rankme": "Effective rank of the embeddings (cookbook eq. 17), out of min(N, D): higher usually means less "
+              "dimensional collapse (cookbook §2.6.2). It is a necessary condition for good performance, not a "
+              "sufficient one (a random Gaussian matrix is full rank), and works for choosing hyper-parameters "
+              "within one method, not for comparing methods (cookbook §3.7.2, Table 3; Garrido et al. 2023); compare "
+              "only runs of one embedding size D and sample count N.",
+    "alpha_req": "Decay exponent of the covariance eigenspectrum of the features before the projector (Agrawal et "
+                 "al. 2022, cookbook §3.7.2): a small alpha is a flat, noise-like spectrum, a large one variance "
+                 "packed into few directions (towards collapse); Agrawal et al. find the best-generalizing "
+                 "representations in an intermediate range of alpha, not at either end. Like RankMe it selects "
+                 "hyper-parameters within one method, and in the cookbook's Table 3 it recovers less of the "
+                 "supervised choice's accuracy than RankMe.",
+    "lidar": "Effective rank of the linear-discriminant matrix that separates images by their augmented views "
+             "(Thilak et al. 2023; not in the cookbook): higher means more directions tell images apart beyond "
+             "augmentation noise. It depends on the view distribution, so compare only runs evaluated with the same "
+             "views and embedding size.",
+}
 
 
 class _Clock:
@@ -108,9 +128,13 @@ def evaluate_model(
             "labels": labelled,
             "num_classes": train_data.num_classes if labelled else None,
             "class_names": train_data.classes,
+            "train_split": train_data.name,
+            "test_split": test_data.name if test_data is not None else None,
         },
     }
     result.update(extra or {})
+    lrs = tuple(getattr(opts, "linear_lrs", None) or DEFAULT_LRS)  # eval.linear_lrs when the config has it
+    wds = tuple(getattr(opts, "linear_weight_decays", None) or DEFAULT_WEIGHT_DECAYS)
 
     train_f = extract_features(encoder, train_data.images, mean, std, device=device, dtype=dtype)
     test_f = (extract_features(encoder, test_data.images, mean, std, device=device, dtype=dtype)
@@ -148,8 +172,10 @@ def evaluate_model(
                 pred = online_probe(test_f.to(next(online_probe.parameters()).device)).argmax(1).cpu()
             result["online_probe_top1"] = _r(100 * (pred == y_te).double().mean())
         if opts.linear:
-            lin = linear_probe(train_f, y_tr, test_f, y_te, epochs=opts.linear_epochs, seed=seed, device="cpu")
-            result["linear"] = {**lin, "top1": _r(lin["top1"]), "val_top1": _r(lin["val_top1"])}
+            lin = linear_probe(train_f, y_tr, test_f, y_te, lrs=lrs, weight_decays=wds, epochs=opts.linear_epochs,
+                               seed=seed, device="cpu", num_classes=train_data.num_classes)
+            result["linear"] = {**lin, "top1": _r(lin["top1"]), "val_top1": _r(lin["val_top1"]),
+                                "per_class_top1": [None if v is None else _r(v) for v in lin["per_class_top1"]]}
             result["linear_top1"] = result["linear"]["top1"]
             clock.lap("linear", f"top-1 {result['linear_top1']}% (lr {lin['lr']:g}, wd {lin['weight_decay']:g})")
         if opts.mlp:
@@ -159,6 +185,18 @@ def evaluate_model(
             result["mlp"] = {**mlp, "top1": _r(mlp["top1"]), "val_top1": _r(mlp["val_top1"])}
             result["mlp_top1"] = result["mlp"]["top1"]
             clock.lap("mlp", f"top-1 {result['mlp_top1']}% (best epoch {mlp['best_epoch']})")
+        if getattr(opts, "baselines", True):  # eval.baselines (default true) when the config has it
+            from selfsup.evaluate.baselines import cached_pixel_baselines
+
+            result["baselines"] = cached_pixel_baselines(
+                train_data.images, y_tr, test_data.images, y_te, knn_k=opts.knn_k,
+                knn_temperature=opts.knn_temperature, linear_epochs=opts.linear_epochs, lrs=lrs, weight_decays=wds,
+                seed=seed)
+            b = result["baselines"]
+            clock.lap("baselines", f"pixels: kNN {b['knn_top1']}%, linear {b['linear_top1']}% ({b['cache']})")
+        from selfsup.evaluate.baselines import below_baseline
+
+        result["below_baseline"] = below_baseline(result)
 
     if opts.label_free or (opts.guillotine and projector is not None):
         lf_split = reps_test if reps_test else reps_train
@@ -173,8 +211,8 @@ def evaluate_model(
             if name == "backbone":
                 result["label_free"] = {
                     "rankme": {**lf["rankme"], "value": _r(lf["rankme"]["rankme"]),
-                               "split": "test" if reps_test else "train"},
-                    "alpha_req": lf["alpha_req"],
+                               "split": "test" if reps_test else "train", "how_to_read": HOW_TO_READ["rankme"]},
+                    "alpha_req": {**lf["alpha_req"], "how_to_read": HOW_TO_READ["alpha_req"]},
                 }
             rows.append(row)
         if projector is not None and opts.guillotine:
@@ -182,8 +220,8 @@ def evaluate_model(
                 for row in rows:
                     name = row["layer"]
                     if name != "backbone":
-                        lin = linear_probe(reps_train[name], y_tr, reps_test[name], y_te,
-                                           epochs=opts.linear_epochs, seed=seed)
+                        lin = linear_probe(reps_train[name], y_tr, reps_test[name], y_te, lrs=lrs,
+                                           weight_decays=wds, epochs=opts.linear_epochs, seed=seed)
                         row["linear_top1"] = _r(lin["top1"])
                         kn = knn_classify(reps_train[name], y_tr, reps_test[name], y_te, k=opts.knn_k,
                                           temperature=opts.knn_temperature, device=device)
@@ -208,7 +246,8 @@ def evaluate_model(
             # LiDAR depends on the view distribution: say which one, so numbers are compared like for like
             seen = ("the run's training views (global crops)" if view_maker is not None
                     else f"selfsup's SimCLR views at {src.image_shape[1]} px (no training recipe given)")
-            result.setdefault("label_free", {})["lidar"] = {**li, "value": _r(li["lidar"]), "views": seen}
+            result.setdefault("label_free", {})["lidar"] = {**li, "value": _r(li["lidar"]), "views": seen,
+                                                            "how_to_read": HOW_TO_READ["lidar"]}
             clock.lap("lidar", f"LiDAR {result['label_free']['lidar']['value']} ({n} images x "
                                f"{opts.lidar_views} views)")
 

@@ -34,7 +34,9 @@ th,td{padding:5px 12px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-
 th{background:#f6f8fa;font-weight:600;border-bottom:2px solid #d0d7de}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr:nth-child(even) td{background:#fbfcfd}
-td.best{background:#dafbe1 !important;font-weight:700}td.chosen{outline:2px solid #1a7f37;outline-offset:-2px}
+td.best{background:#dafbe1 !important;font-weight:700}td.worst{background:#ffebe9 !important;font-weight:700}
+.alert{color:#82071e;background:#ffebe9;border:1px solid #ffcecb;border-radius:6px;padding:8px 12px;font-size:14.5px;
+  max-width:900px}.reading{color:#57606a;font-size:12.5px}td.chosen{outline:2px solid #1a7f37;outline-offset:-2px}
 .headline td.value{font-size:17px;font-weight:600;white-space:nowrap;text-align:right}
 .headline td.protocol{color:#6e7781;font-size:12.5px;max-width:640px}
 figure{margin:10px 0 18px}figcaption{color:#57606a;font-size:13px;max-width:900px;margin-top:4px}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -125,3 +126,31 @@ def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [plot(records, out) for plot in (_plot_loss, _plot_lr, _plot_accuracy)]
     return [p for p in written if p is not None]
+
+
+def plot_confusion(confusion, labels: list[str], path: str | Path, annotate_max: int = 20) -> Path:
+    """Heat map of a ``(C, C)`` confusion matrix (row = true class, column = predicted), each row divided by its
+    total so that classes of different sizes read alike; counts are written in the cells when ``C <= annotate_max``.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or len(labels) != cm.shape[0]:
+        raise ValueError(f"confusion must be square with one label per row; got shape {cm.shape} and "
+                         f"{len(labels)} labels")
+    c = cm.shape[0]
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = min(11.0, 2.5 + 0.45 * c)
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = np.arange(c) if c <= 40 else np.arange(0, c, max(1, c // 20))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", title="Linear probe: confusion matrix (test split)")
+    if c <= annotate_max:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "#1f2328")
+    return _save(fig, Path(path))
