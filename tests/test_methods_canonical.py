@@ -312,12 +312,9 @@ def test_states_stay_equal_on_two_ddp_processes_and_swav_queue_shares_equal_one_
     for method in DDP_CASES:
         s0, s1 = (torch.load(tmp_path / f"{method}{r}.pt", weights_only=True) for r in range(2))
         assert s0.keys() == s1.keys()
-        # batch norm keeps per-process running statistics on CPU (no SyncBN there; the trainer says so): not compared
-        modules = dict(get_method(method).build(_cfg(method, *_ddp_argv(method, "unused")), INFO).named_modules())
-        per_process = {k for k in s0 if k.endswith(("running_mean", "running_var"))}
-        assert per_process and all(isinstance(modules[k.rsplit(".", 1)[0]], nn.modules.batchnorm._BatchNorm)
-                                   for k in per_process)
-        for k in s0.keys() - per_process:  # reduced gradients are the same on both: bit-identical updates
+        # batch norm is synchronized (GlobalBatchNorm on gloo): its running statistics are the same on both too
+        assert any(k.endswith("running_mean") for k in s0)
+        for k in s0.keys():  # reduced gradients and statistics are the same on both: bit-identical updates
             assert torch.equal(s0[k], s1[k]), f"{method} {k}"
     s = torch.load(tmp_path / "swav0.pt", weights_only=True)
     assert int(s["queues.0.count"]) == 32 and int(s["queues.0.ptr"]) == (5 * 16) % 32  # every process's rows

@@ -113,6 +113,9 @@ class Method(nn.Module):
     """
 
     view_maker: Callable[..., Views]
+    # Names of sub-modules whose batch norm must stay per call on several processes (not synchronized: see
+    # selfsup.nn.sync_bn.synchronize_batchnorm): MoCo v2's key encoder normalizes shuffled groups of its own.
+    local_batchnorm: tuple[str, ...] = ()
 
     def forward(self, views: Views, progress: Progress) -> dict:  # pragma: no cover - abstract
         """``{"loss": scalar tensor, "features": (B, D) backbone outputs of the first view, "embedding": optional

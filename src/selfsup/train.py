@@ -36,6 +36,7 @@ from selfsup.evaluate.probe import OnlineLinearProbe
 from selfsup.loggers import Logger
 from selfsup.monitor import CollapseError, CollapseMonitor
 from selfsup.nn.backbones import export_backbone
+from selfsup.nn.sync_bn import synchronize_batchnorm
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
 from selfsup.runs import CHECKPOINT, CHECKPOINT_FORMAT, load_method_state
 from selfsup.runtime import (
@@ -380,14 +381,12 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
 
     model = raw
     if dist.enabled:
-        # SyncBN (cookbook §3.8.1) where PyTorch supports it (CUDA); on CPU each process keeps its own BN statistics
-        if device.type == "cuda":
-            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-        else:
-            say("selfsup: batch norm is per process on CPU (PyTorch's SyncBatchNorm needs CUDA)")
-        # no buffer broadcasting: a method keeps its buffers (centers, queues) equal on every process by
-        # construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence and
-        # overwrite per-step accumulators. BN statistics: SyncBN on CUDA, per process on CPU (rank 0's are saved).
+        # batch norm over the whole batch (cookbook §3.8.1): PyTorch's SyncBatchNorm on CUDA, selfsup's
+        # GlobalBatchNorm on gloo (CPU); a method's local_batchnorm modules (MoCo v2's shuffled key encoder) excepted
+        raw = synchronize_batchnorm(raw, device.type)
+        # no buffer broadcasting: a method keeps its buffers (centers, queues, BN statistics) equal on every process
+        # by construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence
+        # and overwrite per-step accumulators.
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     groups = raw.param_groups(cfg.optim.weight_decay, cfg.optim.no_decay_lr_scale)
     optimizer = build_optimizer(cfg.optim.name, raw, lr, cfg.optim.weight_decay, cfg.optim.momentum,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.distributed import gather_with_grad, get_rank
+from selfsup.losses.metric_learning._common import upcast
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -24,8 +25,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"nt_xent expects two (batch, dim) tensors of the same shape, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
+    z1 = F.normalize(upcast(z1), dim=1)  # half precision -> float32; float64 stays float64
+    z2 = F.normalize(upcast(z2), dim=1)
     n = z1.shape[0]
     k1, k2 = gather_with_grad(z1), gather_with_grad(z2)
     total = k1.shape[0]

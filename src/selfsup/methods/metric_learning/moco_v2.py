@@ -36,6 +36,10 @@ class MoCoV2Params:
 
 
 class MoCoV2(Method):
+    # the key encoder's BN statistics are those of its shuffled groups (shuffled_bn_forward), the same groups on any
+    # number of processes; synchronizing them would merge the groups of different processes
+    local_batchnorm = ("key_encoder", "key_projector")
+
     def __init__(self, encoder, projector, view_maker, p: MoCoV2Params):
         super().__init__()
         self.encoder, self.projector, self.view_maker = encoder, projector, view_maker
