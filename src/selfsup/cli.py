@@ -16,6 +16,7 @@ selfsup compare RUN_DIR... [--out DIR]  rank runs by RankMe and by probe accurac
 selfsup embed MODEL DATA --out F.npz    embeddings of a dataset (--split) or an image folder (.npz or .parquet)
 selfsup embed --query IMG --index F.npz nearest neighbours of an image in an embeddings file [-k 5]
 selfsup export MODEL --format onnx|timm --out PATH   the backbone as ONNX, or as timm weights + config
+selfsup bench METHOD [key=value ...]   samples/s, overhead ratio, views/s (vs kornia), FLOPs (MFU on GPUs)
 selfsup recipes                         list methods and recipes with the cookbook section each comes from"""
 
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list methods and recipes")
     _add_embed(sub)
     _add_export(sub)
+    b = sub.add_parser("bench", help="training-step throughput and overhead ratio of a method's recipe", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="METHOD [key=value ...] [--steps N] [--threads N] [--json F]")
     return p
 
 
@@ -264,6 +267,19 @@ def cmd_export(args) -> int:
     return _run_tool(run)
 
 
+def cmd_bench(args) -> int:
+    """`selfsup bench METHOD [key=value ...]` (selfsup.bench; its --help lists the options)."""
+    from selfsup import bench
+
+    def run():
+        try:
+            bench.main(args.rest)
+        except KeyError as e:  # an unknown method: the message names the closest ones
+            raise ConfigError(e.args[0]) from e
+
+    return _run_tool(run)
+
+
 def _run_tool(run) -> int:
     """Run a tool command with the package's exit codes: 2 usage/config, 1 runtime failure."""
     from selfsup.data.datasets import DataError
@@ -315,5 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_embed(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     _parser().print_help()
     return 2
