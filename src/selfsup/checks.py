@@ -63,6 +63,7 @@ CORE_RULES: dict[str, Rule] = {
     "eval.linear_epochs": AT_LEAST_1, "eval.finetune_epochs": AT_LEAST_1, "eval.finetune_train_size": NON_NEGATIVE,
     "eval.lidar_images": NON_NEGATIVE, "eval.lidar_views": AT_LEAST_2, "eval.decoder_steps": AT_LEAST_1,
     "eval.tsne_points": NON_NEGATIVE,
+    "train.budget": (lambda v: _is_duration(v), "a duration such as 10m, 90s, 1.5h or a number of seconds > 0"),
     "eval.linear_lrs": (lambda v: v is None or (len(v) > 0 and all(x > 0 for x in v)),
                         "null (the default grid) or a non-empty list of learning rates > 0"),
     "eval.linear_weight_decays": (lambda v: v is None or (len(v) > 0 and all(x >= 0 for x in v)),
@@ -78,6 +79,16 @@ ZERO_MEANS = {"train.num_threads": "torch's default", "train.checkpoint_every": 
 INT_ZERO_ALLOWED = {"patch_out_dim": "the [CLS] head's out_dim", "predictor_heads": "the encoder's heads",
                     "queue_length": "no queue", "kmeans_iterations": "no k-means refinement"}
 FLOAT_POSITIVE = {"target_sharpen", "bin_size", "ipe_scale", "gamma", "sigma"}
+
+
+def _is_duration(value: Any) -> bool:
+    from selfsup.budget import parse_budget
+
+    try:
+        parse_budget(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _float_rule(name: str) -> Rule | None:

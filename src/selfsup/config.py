@@ -110,6 +110,8 @@ class TrainConfig:
     online_probe: bool = True             # online linear probe on detached features (cookbook Fig. 13)
     probe_lr: float = 0.1                 # SGD, momentum 0.9 (solo-learn's online classifier)
     max_steps: int = 0                    # stop after this many optimizer steps (0: all epochs); for quick tries
+    budget: str | None = None             # training time, e.g. 10m, 90s, 1.5h: the epochs that fit this machine's measured
+                                          # step time (selfsup.budget; replaces `epochs`; a resume keeps the choice)
     deterministic: bool = False           # deterministic kernels (torch.use_deterministic_algorithms; on CUDA slower):
                                           # the same seed gives the same run on the same machine and software
     collapse: str = "warn"                # off | warn | stop: the collapse monitor (selfsup.monitor; cookbook §2.6.2)

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import __version__
 from selfsup import distributed as du
+from selfsup.budget import choose_epochs, parse_budget, time_training_step
 from selfsup.config import Config
 from selfsup.contract import Method, Progress
 from selfsup.data.datasets import ImageDataset
@@ -288,6 +290,29 @@ def _on_collapse(evidence: str | None, step: int, cfg: Config, segment: dict, ch
         say(f"selfsup: WARNING step {step}: {evidence}: a {advice}. (train.collapse=stop ends such a run.)")
 
 
+def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channels_last: bool, micro_bs: int,
+                steps_per_epoch: int, dist, say) -> dict:
+    """``train.budget``: time this machine's training step, set ``cfg.epochs`` to what fits (selfsup.budget)."""
+    seconds = parse_budget(cfg.train.budget)
+    n = micro_bs * cfg.train.accumulate
+    labels = None if train_data.labels is None else train_data.labels[:n]
+    step_s = time_training_step(raw, cfg, train_data.images[:n], labels, device, amp, channels_last)
+    if dist.enabled:  # every process must train the same number of steps: the slowest decides
+        slowest = torch.tensor([step_s], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        step_s = float(slowest)
+    before, cfg.epochs = cfg.epochs, choose_epochs(seconds, step_s, steps_per_epoch)
+    planned = cfg.epochs * steps_per_epoch * step_s
+    say(f"selfsup: train.budget={cfg.train.budget}: a training step takes {step_s * 1e3:.0f} ms here (median of 4 "
+        f"timed on a copy); {cfg.epochs} epochs x {steps_per_epoch} steps = {planned / 60:.1f} min of training fit "
+        f"the budget (the recipe said {before} epochs)")
+    if planned > seconds:
+        say(f"selfsup: WARNING one epoch ({steps_per_epoch * step_s / 60:.1f} min) is longer than train.budget="
+            f"{cfg.train.budget}: training 1 epoch; lower batch_size, the model's size or the data, or raise the budget")
+    return {"budget": cfg.train.budget, "seconds": seconds, "step_seconds": round(step_s, 5), "epochs": cfg.epochs,
+            "recipe_epochs": before, "planned_seconds": round(planned, 1)}
+
+
 def _all_finite_everywhere(raw) -> bool:
     flag = torch.tensor(float(not state_is_finite(raw)), device=next(raw.parameters()).device)
     return not bool(du.all_reduce_sum_(flag))
@@ -361,8 +386,6 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         if stale:
             say(f"selfsup: removed {len(stale)} partial checkpoint file(s) left by an interrupted write: "
                 f"{', '.join(p.name for p in stale)}")
-        import yaml
-
         text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
         atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))  # a resume may need it whole
         if train_data.skipped:
@@ -396,6 +419,15 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if labels is not None and cfg.train.online_probe:
         n_cls = train_data.num_classes or int(labels.max()) + 1
         probe = OnlineLinearProbe(encoder.num_features, n_cls, lr=cfg.train.probe_lr).to(device)
+
+    budget = None
+    if cfg.train.budget is not None and state is None:  # a resume keeps the epochs the budget chose
+        budget = _fit_budget(cfg, raw, train_data, device, amp, channels_last, micro_bs, steps_per_epoch, dist, say)
+        total_steps = cfg.epochs * steps_per_epoch
+        stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+        if dist.is_main:
+            text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
+            atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))
 
     start_step, segments = 0, []
     if state is not None:
@@ -563,6 +595,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in segments),
                "collapse_warnings": [w for s in segments for w in s.get("collapse_warnings", [])],
                "torch": torch.__version__}
+    if budget is not None:  # what train.budget chose, and how the training time compares (this session)
+        summary["budget"] = {**budget, "train_seconds": summary["train_seconds"]}
     save_json(run_dir / "summary.json", summary)
     return Trained(summary, probe, device)
 

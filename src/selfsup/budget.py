@@ -1,0 +1,84 @@
+"""A training-time budget: ``train.budget=10m`` chooses the number of epochs from this machine's measured speed.
+
+The same recipe takes 9 minutes of training on one CPU and 14 on another; a user asks for "the best model in 10
+minutes", not "12 epochs". With ``train.budget`` set, a fresh run times a few full training steps on a throwaway
+copy of the method (its own optimizer, the run's batch, device, precision and accumulation; the global random state
+is put back, so the run itself is the one ``epochs=N`` would give), then trains
+
+    epochs = max(1, floor(budget x (1 - MARGIN) / (step seconds x steps per epoch)))
+
+so the whole schedule (warm-up, cosine decay, EMA and temperature schedules, all defined over the run's length)
+completes within the budget. The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what
+the timed steps do not include: the kNN monitor, checkpoints, the first step's start-up. Several processes time
+their own steps and take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside
+the step; on a slow one, lower the budget). The choice is printed, written to ``config.yaml`` (``epochs``) and to
+``summary.json`` (``budget``), and a resume keeps it (nothing is re-timed).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+import time
+
+import torch
+
+MARGIN = 0.05
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_budget(text: str | float | int) -> float:
+    """``"10m"``, ``"90s"``, ``"1.5h"``, ``"600"`` (seconds) -> seconds (> 0); ValueError otherwise."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a duration: {text!r}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|min|h)?\s*", str(text))
+        if m is None:
+            raise ValueError(f"not a duration: {text!r} (write e.g. 10m, 90s, 1.5h, or seconds)")
+        seconds = float(m[1]) * _UNITS[m[2] or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a budget must be a positive duration, got {text!r}")
+    return seconds
+
+
+def choose_epochs(budget_seconds: float, step_seconds: float, steps_per_epoch: int, margin: float = MARGIN) -> int:
+    """The most whole epochs whose steps fit in ``budget_seconds * (1 - margin)``; at least 1."""
+    if step_seconds <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"step_seconds must be > 0 and steps_per_epoch >= 1, got {step_seconds}, {steps_per_epoch}")
+    return max(1, math.floor(budget_seconds * (1 - margin) / (step_seconds * steps_per_epoch)))
+
+
+def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, amp,
+                       channels_last: bool, steps: int = 4, warmup: int = 2) -> float:
+    """Median seconds of one full training step (views, forward, backward, optimizer step, ``on_step_end``) of a
+    deep copy of ``raw`` on ``images`` (this process's share of a batch), leaving ``raw``, its optimizer and the
+    global random state as they were."""
+    from selfsup.contract import Progress
+    from selfsup.optim import build_optimizer
+    from selfsup.train import train_step
+
+    trial = copy.deepcopy(raw)
+    groups = trial.param_groups(cfg.optim.weight_decay, cfg.optim.no_decay_lr_scale)
+    optimizer = build_optimizer(cfg.optim.name, trial, 1e-6, cfg.optim.weight_decay, cfg.optim.momentum,
+                                betas=tuple(cfg.optim.betas), groups=groups)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 0x5EED)
+    index = torch.arange(images.shape[0])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(warmup + steps):
+            progress = Progress(i, 1000, 100)
+            sync()
+            t0 = time.perf_counter()
+            train_step(trial, trial, optimizer, None, images, labels, gen, cfg.train.accumulate, device, amp,
+                       channels_last, progress, index=index)
+            trial.on_step_end(progress.after())
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    del trial, optimizer
+    return statistics.median(times)

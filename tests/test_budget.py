@@ -1,0 +1,69 @@
+"""train.budget: the epochs that fit a training-time budget, chosen from this machine's measured step time, without
+changing the run itself (the same weights as `epochs=N`), recorded, and kept on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from test_train import _args
+
+import selfsup.train
+from selfsup.budget import choose_epochs, parse_budget
+from selfsup.cli import main
+
+FAST = ["eval=false", "train.knn_every=0", "train.online_probe=false"]
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("90s", 90), ("1.5h", 5400), ("600", 600), (45, 45),
+                                           ("2min", 120), (" 7 m ", 420)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["10x", "", "-5m", "0", "m", True, float("inf")])
+def test_parse_budget_refuses_what_is_not_a_positive_duration(text):
+    with pytest.raises(ValueError):
+        parse_budget(text)
+
+
+def test_choose_epochs_fits_the_budget_less_the_margin():
+    # 600 s x 0.95 = 570 s; an epoch of 100 steps x 0.5 s = 50 s: 11 epochs (550 s), 12 would be 600 s
+    assert choose_epochs(600, 0.5, 100) == 11
+    assert choose_epochs(600, 0.5, 100, margin=0.0) == 12
+    assert choose_epochs(10, 5.0, 100) == 1  # not even one epoch fits: one, with a warning from the trainer
+    with pytest.raises(ValueError):
+        choose_epochs(600, 0.0, 100)
+
+
+def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, monkeypatch, capsys):
+    """The timing runs on a copy with the global random state put back: the budgeted run's weights equal those of
+    `epochs=N` for the N it chose (N forced to 2 here: the real choice depends on this machine's speed)."""
+    chosen = {}
+
+    def fake_choose(budget_seconds, step_seconds, steps_per_epoch):
+        chosen.update(budget=budget_seconds, step=step_seconds, spe=steps_per_epoch)
+        return 2
+
+    monkeypatch.setattr(selfsup.train, "choose_epochs", fake_choose)
+    a, b = tmp_path / "budget", tmp_path / "epochs"
+    assert main(_args("simclr", tiny_fmnist, a, *FAST, "train.budget=2m")) == 0
+    assert chosen["budget"] == 120 and chosen["step"] > 0 and chosen["spe"] == 4  # 256 images / batch 64
+    assert "train.budget=2m: a training step takes" in capsys.readouterr().out
+    assert main(_args("simclr", tiny_fmnist, b, *FAST, "epochs=2")) == 0
+    sa = torch.load(a / "checkpoints/last.pt", weights_only=True)
+    sb = torch.load(b / "checkpoints/last.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 8
+    for k in sa["method"]:
+        assert torch.equal(sa["method"][k], sb["method"][k]), k
+    assert yaml.safe_load((a / "config.yaml").read_text())["epochs"] == 2  # a resume reads the choice from here
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["budget"]["epochs"] == 2 and summary["budget"]["seconds"] == 120
+    assert summary["budget"]["step_seconds"] == pytest.approx(chosen["step"], rel=1e-3)
+
+    # a resume keeps the chosen epochs and times nothing
+    monkeypatch.setattr(selfsup.train, "choose_epochs", lambda *a: pytest.fail("a resume must not re-time the run"))
+    assert main(_args("simclr", tiny_fmnist, a, *FAST, "resume=auto", "epochs=3")) == 0
+    assert torch.load(a / "checkpoints/last.pt", weights_only=True)["step"] == 12
