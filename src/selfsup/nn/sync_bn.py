@@ -57,23 +57,27 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or _world_size() == 1:
             return super().forward(x)
         self._check_input_dim(x)
+        # statistics in float32 at least (bf16/fp16 activations under autocast lose the sums), the count in float64
+        # (exact far beyond float32's 2^24 values per channel); the output in the input's dtype, as nn.BatchNorm's
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         local_n = x.numel() // x.shape[1]
         # 1st all-reduce: per-channel sums and the count (the count rides along, so uneven batches are exact)
-        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_full((1,), float(local_n))]))
+        sums = _AllReduceSum.apply(torch.cat([xs.sum(dims).double(), xs.new_full((1,), float(local_n),
+                                                                                 dtype=torch.float64)]))
         n = sums[-1].detach()
         if int(n) < 2:
             raise ValueError(f"batch norm needs more than 1 value per channel over all processes, got {int(n)}")
-        mean = sums[:-1] / n
+        mean = (sums[:-1] / n).to(xs.dtype)
         # 2nd all-reduce: squared deviations from the global mean (the two-pass variance)
-        var = _AllReduceSum.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        var = _AllReduceSum.apply(((xs - mean.view(shape)) ** 2).sum(dims)) / n.to(xs.dtype)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            self._update_running_stats(mean.detach(), var.detach(), n.to(xs.dtype))
+        y = (xs - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
