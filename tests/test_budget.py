@@ -40,7 +40,8 @@ def test_choose_epochs_fits_the_budget_less_the_margin():
 
 def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, monkeypatch, capsys):
     """The timing runs on a copy with the global random state put back: the budgeted run's weights equal those of
-    `epochs=N` for the N it chose (N forced to 2 here: the real choice depends on this machine's speed)."""
+    `epochs=N` for the N it chose, its warm-up scaled to the same share of the run (N forced to 2 of the recipe's 4
+    here: the real choice depends on this machine's speed; warm-up 1 of 4 epochs -> 0.5 of 2)."""
     chosen = {}
 
     def fake_choose(budget_seconds, step_seconds, steps_per_epoch):
@@ -49,21 +50,22 @@ def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, m
 
     monkeypatch.setattr(selfsup.train, "choose_epochs", fake_choose)
     a, b = tmp_path / "budget", tmp_path / "epochs"
-    assert main(_args("simclr", tiny_fmnist, a, *FAST, "train.budget=2m")) == 0
+    assert main(_args("simclr", tiny_fmnist, a, *FAST, "epochs=4", "train.budget=2m")) == 0
     assert chosen["budget"] == 120 and chosen["step"] > 0 and chosen["spe"] == 4  # 256 images / batch 64
     assert "train.budget=2m: a training step takes" in capsys.readouterr().out
-    assert main(_args("simclr", tiny_fmnist, b, *FAST, "epochs=2")) == 0
+    assert main(_args("simclr", tiny_fmnist, b, *FAST, "epochs=2", "optim.warmup_epochs=0.5")) == 0
     sa = torch.load(a / "checkpoints/last.pt", weights_only=True)
     sb = torch.load(b / "checkpoints/last.pt", weights_only=True)
     assert sa["step"] == sb["step"] == 8
     for k in sa["method"]:
         assert torch.equal(sa["method"][k], sb["method"][k]), k
-    assert yaml.safe_load((a / "config.yaml").read_text())["epochs"] == 2  # a resume reads the choice from here
+    saved = yaml.safe_load((a / "config.yaml").read_text())  # a resume reads the choice from here
+    assert saved["epochs"] == 2 and saved["optim"]["warmup_epochs"] == 0.5
     summary = json.loads((a / "summary.json").read_text())
     assert summary["budget"]["epochs"] == 2 and summary["budget"]["seconds"] == 120
     assert summary["budget"]["step_seconds"] == pytest.approx(chosen["step"], rel=1e-3)
 
     # a resume keeps the chosen epochs and times nothing
     monkeypatch.setattr(selfsup.train, "choose_epochs", lambda *a: pytest.fail("a resume must not re-time the run"))
-    assert main(_args("simclr", tiny_fmnist, a, *FAST, "resume=auto", "epochs=3")) == 0
+    assert main(["train", "simclr", f"out={a}", "resume=auto", "epochs=3"]) == 0  # the saved config, 1 epoch more
     assert torch.load(a / "checkpoints/last.pt", weights_only=True)["step"] == 12

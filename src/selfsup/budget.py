@@ -8,7 +8,8 @@ is put back, so the run itself is the one ``epochs=N`` would give), then trains
     epochs = max(1, floor(budget x (1 - MARGIN) / (step seconds x steps per epoch)))
 
 so the whole schedule (warm-up, cosine decay, EMA and temperature schedules, all defined over the run's length)
-completes within the budget. The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what
+completes within the budget; the warm-up keeps its share of the run (``optim.warmup_epochs`` x N / the recipe's
+epochs). The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what
 the timed steps do not include: the kNN monitor, checkpoints, the first step's start-up. Several processes time
 their own steps and take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside
 the step; on a slow one, lower the budget). The choice is printed, written to ``config.yaml`` (``epochs``) and to

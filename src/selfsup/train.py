@@ -302,15 +302,20 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         step_s = float(slowest)
     before, cfg.epochs = cfg.epochs, choose_epochs(seconds, step_s, steps_per_epoch)
+    # the schedule keeps its shape: the warm-up stays the same fraction of the run (1 of 12 epochs -> 1/12 of N)
+    warmup_before = cfg.optim.warmup_epochs
+    cfg.optim.warmup_epochs = warmup_before * cfg.epochs / before
     planned = cfg.epochs * steps_per_epoch * step_s
-    say(f"selfsup: train.budget={cfg.train.budget}: a training step takes {step_s * 1e3:.0f} ms here (median of 4 "
-        f"timed on a copy); {cfg.epochs} epochs x {steps_per_epoch} steps = {planned / 60:.1f} min of training fit "
-        f"the budget (the recipe said {before} epochs)")
+    timing = f"a training step takes {step_s * 1e3:.0f} ms here (median of 4 timed on a copy)"
     if planned > seconds:
-        say(f"selfsup: WARNING one epoch ({steps_per_epoch * step_s / 60:.1f} min) is longer than train.budget="
-            f"{cfg.train.budget}: training 1 epoch; lower batch_size, the model's size or the data, or raise the budget")
+        say(f"selfsup: WARNING train.budget={cfg.train.budget}: {timing}, so one epoch ({planned / 60:.1f} min) does "
+            "not fit; training 1 epoch. Lower batch_size, the model's size or the data, or raise the budget.")
+    else:
+        say(f"selfsup: train.budget={cfg.train.budget}: {timing}; {cfg.epochs} epochs x {steps_per_epoch} steps = "
+            f"{planned / 60:.1f} min of training fit it (the recipe said {before} epochs; warm-up "
+            f"{warmup_before:g} -> {cfg.optim.warmup_epochs:.3g} epochs, the same share of the run)")
     return {"budget": cfg.train.budget, "seconds": seconds, "step_seconds": round(step_s, 5), "epochs": cfg.epochs,
-            "recipe_epochs": before, "planned_seconds": round(planned, 1)}
+            "recipe_epochs": before, "warmup_epochs": cfg.optim.warmup_epochs, "planned_seconds": round(planned, 1)}
 
 
 def _all_finite_everywhere(raw) -> bool:
