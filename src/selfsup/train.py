@@ -304,7 +304,7 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
     before, cfg.epochs = cfg.epochs, choose_epochs(seconds, step_s, steps_per_epoch)
     # the schedule keeps its shape: the warm-up stays the same fraction of the run (1 of 12 epochs -> 1/12 of N)
     warmup_before = cfg.optim.warmup_epochs
-    cfg.optim.warmup_epochs = warmup_before * cfg.epochs / before
+    cfg.optim.warmup_epochs = round(warmup_before * cfg.epochs / before, 6)
     planned = cfg.epochs * steps_per_epoch * step_s
     timing = f"a training step takes {step_s * 1e3:.0f} ms here (median of 4 timed on a copy)"
     if planned > seconds:
