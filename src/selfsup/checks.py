@@ -244,8 +244,9 @@ def check_before_training(cfg: Config, *, resuming: bool) -> None:
     check_values(cfg)
     check_device_available(cfg.train.device)
     check_extras(cfg)
-    check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.out is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the run directory
+    env = os.environ  # torchrun's variables, or srun's (selfsup.distributed reads the same)
+    check_processes(cfg, int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1"))
+    if cfg.out is not None and int(env.get("RANK") or env.get("SLURM_PROCID") or "0") == 0:  # rank 0 writes the run
         check_out_dir(cfg.out, resuming=resuming)
 
 

@@ -9,6 +9,7 @@ on the way back, *sums* the gradients of every process, because DDP later divide
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,38 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[03-06,09],cpu1"`` -> ``"gpu03"``, ``"rack[1-2]-n[08-09]"`` ->
+    ``"rack1-n08"`` (zero padding kept; only the first item and the first value of each bracket are needed)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first item: up to the first comma outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    item = nodelist[:end].strip()
+    if not item:
+        raise ValueError(f"an empty SLURM node list: {nodelist!r}")
+    return re.sub(r"\[([^\]]*)\]", lambda m: m[1].split(",")[0].split("-")[0], item)
+
+
+def slurm_rendezvous(env) -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT for a job launched with ``srun`` (which sets SLURM_* but not these): the first
+    host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST`` on old versions) and a port derived from ``SLURM_JOB_ID``
+    (15000-34999), so that two jobs sharing a node do not collide. Empty outside SLURM or when ``torchrun`` (or the
+    user) set them."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist or "WORLD_SIZE" in env or "RANK" in env:  # not srun-launched: torchrun / the user decide
+        return {}
+    out = {}
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in env:
+        job = env.get("SLURM_JOB_ID", "0")
+        out["MASTER_PORT"] = str(15000 + int(job) % 20000 if job.isdigit() else 29500)
+    return out
+
+
 def init_distributed(device_type: str = "cpu") -> DistInfo:
     """Join the process group described by torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, ...).
 
@@ -50,6 +83,8 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
         return DistInfo()
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    for key, value in slurm_rendezvous(os.environ).items():  # srun sets no MASTER_ADDR/PORT: derive them
+        os.environ.setdefault(key, value)
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError(
             "WORLD_SIZE > 1 but MASTER_ADDR is not set. Launch with `torchrun --nproc_per_node=N -m selfsup train ...` "
