@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from selfsup.bench import _kornia_two_views  # noqa: E402
 from selfsup.data.views import simclr_views  # noqa: E402
 from selfsup.runtime import tune_malloc  # noqa: E402
 
@@ -50,27 +51,8 @@ def cpu_model() -> str:
 
 
 def kornia_views(channels: int, size: int, mean, std, device):
-    """The same two-view pipeline in kornia, or None when kornia is not installed."""
-    try:
-        import kornia.augmentation as K
-    except ImportError:
-        return None
-    color = (0.4, 0.4, 0.4, 0.1) if channels == 3 else (0.4, 0.4, 0.0, 0.0)
-    ops = [
-        K.RandomResizedCrop((size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-        K.RandomHorizontalFlip(p=0.5),
-        K.ColorJitter(*color, p=0.8),
-    ]
-    if channels == 3:
-        ops.append(K.RandomGrayscale(p=0.2))
-    ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
-    pipeline = K.AugmentationSequential(*ops).to(device)
-
-    def make(batch: torch.Tensor) -> list[torch.Tensor]:
-        x = batch.float().div_(255)
-        return [pipeline(x), pipeline(x)]
-
-    return make
+    """The same two-view pipeline in kornia (selfsup.bench's, which `selfsup bench` uses), or None without kornia."""
+    return _kornia_two_views(channels, size, mean, std, device)
 
 
 def time_round(fn, batch, seconds: float, sync) -> float:
