@@ -176,6 +176,28 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
     return StepResult(loss_sum, extra, probe_logs, embedding=embedding)
 
 
+def step_rows(order: torch.Tensor, step_in_epoch: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """The training-set rows process ``rank`` of ``world`` reads at a step: its consecutive slice of the step's
+    global batch, which depends only on the seed and the epoch (``order``). Every process count therefore reads the
+    same images at the same step, in the same order when the slices are put end to end: what lets a run resume on
+    another number of processes."""
+    batch = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+    per_process = batch_size // world
+    return batch[rank * per_process:(rank + 1) * per_process]
+
+
+def process_count_change(before: int, now: int, batch_size: int, accumulate: int) -> str:
+    """What a resume on another number of processes keeps and what it changes, for the log."""
+    return (f"selfsup: the checkpoint was written by {before} process(es); resuming on {now}. The effective batch "
+            f"stays {batch_size} (now {batch_size // (now * accumulate)} per process x {now} process(es) x "
+            f"{accumulate} micro-batch(es), was {batch_size // (before * accumulate)} x {before} x {accumulate}) and "
+            "every step reads the same images in the same order (the global batch is fixed by the seed and the "
+            "epoch; each process takes a consecutive slice of it); synchronized batch norm and the batch-statistic "
+            "losses see the whole batch either way (MoCo v2's per-process shuffled key encoder excepted). The "
+            f"random augmentations of the remaining steps differ from a run that stayed on {before} process(es): "
+            "each process draws its own.")
+
+
 def use_deterministic_kernels() -> None:
     """Ask PyTorch for deterministic kernels everywhere (``train.deterministic=true``).
 
@@ -446,8 +468,10 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         say(f"selfsup: resumed at step {start_step} of {total_steps}"
             + (f" (train.max_steps={cfg.train.max_steps} is reached: nothing to train; pass train.max_steps=0 or "
                "more epochs to continue)" if start_step >= stop_step and stop_step < total_steps else ""))
+        if state.get("world_size", world) != world:
+            say(process_count_change(state["world_size"], world, cfg.batch_size, accum))
     segment = {"start_step": start_step, "end_step": start_step, "seconds": 0.0, "step_seconds": 0.0, "images": 0,
-               "changes": state.get("changes", {}) if state is not None else {}}
+               "processes": world, "changes": state.get("changes", {}) if state is not None else {}}
     segments = [*segments, segment]
 
     logger = Logger(run_dir, dist.is_main, start_step, cfg)  # metrics.jsonl, TensorBoard, W&B (train.wandb)
@@ -491,8 +515,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                 epoch, b = divmod(step, steps_per_epoch)
                 if epoch != order_epoch:
                     order, order_epoch = _epoch_order(len(train_data), cfg.seed, epoch), epoch
-                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                local = batch[dist.rank * micro_bs * accum:(dist.rank + 1) * micro_bs * accum]
+                local = step_rows(order, b, cfg.batch_size, dist.rank, world)
                 t0 = time.perf_counter()
                 cur_lr = warmup_cosine(step, total_steps, warmup, lr, cfg.optim.final_lr * lr)
                 set_lr(optimizer, cur_lr, peak_lr=lr)  # constant_lr groups (SimSiam's predictor) stay at lr
@@ -568,7 +591,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                     checkpoint()
                 if _any_process(bool(signals), device) and step < stop_step:
                     checkpoint()
-                    du.barrier()
+                    del model  # exit code 75 (requeue), not an abort in gloo's teardown
+                    du.leave(dist)
                     raise Preempted(step, signals[0] if signals else "a signal on another process", run_dir, cfg)
     except KeyboardInterrupt:
         checkpoint()
@@ -585,7 +609,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint)
         export_backbone(encoder, run_dir, extra={"method": cfg.method, "step": step,
                                               "mean": list(mean), "std": list(std)})
-    du.barrier()
+    del model  # DDP's reducer holds the process group: it goes first
+    du.leave(dist)  # rank 0 then evaluates alone, as one process
     if not dist.is_main:
         return Trained({}, probe, device)
     # every session of the run counts (time after a run's last checkpoint before a kill is not recorded anywhere)
