@@ -36,6 +36,11 @@ COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "RankMe", "minutes", "epo
 # the table's numbers as the package ships them (the wheel has no docs/): selfsup.evaluate.baselines reads them to
 # show a run of a shipped recipe what its reference run measured
 REFERENCE = HERE.parent / "src" / "selfsup" / "recipes" / "reference.json"
+# computed when the table is written, not stored: the share of the way from the pixel floor to the supervised
+# ceiling (`selfsup train supervised` with the row's recipe name: same backbone, data, views and compute) that the
+# row's kNN / linear accuracy covers, (row - floor) / (supervised - floor); "–" without a supervised row of that recipe
+DERIVED = ["kNN gap closed", "linear gap closed"]
+CEILING = "supervised"
 NUMERIC = {"kNN": "knn_top1", "linear": "linear_top1", "MLP": "mlp_top1", "RankMe": "rankme", "minutes": "minutes",
            "epochs": "epochs"}
 
@@ -114,15 +119,12 @@ def write_table(rows: list[list[str]], path: Path, reference: Path | None = None
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     old, tail = rest.split(end, 1)
-    table = {}
-    for line in old.strip().splitlines()[2:]:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(COLUMNS):
-            table[(cells[0], cells[1])] = cells
+    table = {key: [cells[c] for c in COLUMNS] for key, cells in _rows(old).items()}
     for r in rows:
         table[(r[0], r[1])] = r
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for _, r in sorted(table.items())]
+    header = [*COLUMNS, *DERIVED]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([*r, *gap_cells(r, table)]) + " |" for _, r in sorted(table.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
     if reference is not None:
@@ -140,13 +142,39 @@ def parse_table(text: str) -> dict[tuple[str, str], dict[str, str]]:
     begin, end = "<!-- catalog-table:begin -->", "<!-- catalog-table:end -->"
     if begin not in text or end not in text:
         raise ValueError(f"no catalog table (between {begin} and {end}) in the results page")
-    body = text.split(begin, 1)[1].split(end, 1)[0]
+    return _rows(text.split(begin, 1)[1].split(end, 1)[0])
+
+
+def _rows(body: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The stored columns of each row of a table body (header and separator first); the derived gap columns, and
+    their absence in tables written before them, are ignored."""
     rows = {}
-    for line in body.strip().splitlines()[2:]:  # header and separator first
+    for line in body.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(COLUMNS):
-            rows[(cells[0], cells[1])] = dict(zip(COLUMNS, cells, strict=True))
+        if len(cells) in (len(COLUMNS), len(COLUMNS) + len(DERIVED)):
+            rows[(cells[0], cells[1])] = dict(zip(COLUMNS, cells[:len(COLUMNS)], strict=True))
     return rows
+
+
+def gap_closed(value: float | None, floor: float, ceiling: float | None) -> float | None:
+    """(value - floor) / (ceiling - floor): 0 at the pixel floor, 1 at the supervised ceiling (negative below the
+    floor); None when a number is missing or the ceiling does not clear the floor."""
+    if value is None or ceiling is None or ceiling <= floor:
+        return None
+    return (value - floor) / (ceiling - floor)
+
+
+def gap_cells(r: list[str], table: dict[tuple[str, str], list[str]]) -> list[str]:
+    """The derived cells of row ``r``: its gap closed for kNN and linear against the supervised row of its recipe."""
+    ceiling = table.get((CEILING, r[1]))
+    if r[0] == CEILING:
+        return ["ceiling", "ceiling"]
+    out = []
+    for col, key in (("kNN", "knn_top1"), ("linear", "linear_top1")):
+        i = COLUMNS.index(col)
+        g = gap_closed(_number(r[i]), FLOORS[key], None if ceiling is None else _number(ceiling[i]))
+        out.append("–" if g is None else f"{100 * g:.0f}%")
+    return out
 
 
 def reference_entries(text: str) -> dict[str, dict]:

@@ -69,6 +69,26 @@ def test_rows_merge_into_the_table_and_mark_the_floors(tmp_path):
     assert lines[0][2] == "86.10 ✗" and lines[0][3] == "84.40 ✗"
 
 
+def test_gap_closed_against_the_supervised_row_of_the_same_recipe(tmp_path):
+    """(SSL - pixel floor) / (supervised - pixel floor), kNN floor 86.2 and linear 84.5; rows of a recipe without a
+    supervised run get "–", and tables written before the gap columns existed are read and rewritten."""
+    table = tmp_path / "t.md"
+    table.write_text("<!-- catalog-table:begin -->\n| " + " | ".join(catalog.COLUMNS) + " |\n|" + "---|" * 11
+                     + "\n| dcl | default | 84.79 ✗ | 87.47 | 89.81 | 88.58 | 9.5 | 12 | d | c | X |\n"
+                     "<!-- catalog-table:end -->\n")
+    catalog.write_table([catalog.row(dict(_EVALUATED, method="supervised", knn_top1=91.2, linear_top1=92.0,
+                                          wall_minutes=9, cpu="X")),
+                         catalog.row(dict(_EVALUATED, recipe="long", knn_top1=88.0, wall_minutes=60, cpu="X"))], table)
+    rows = {(r[0], r[1]): r for r in ([c.strip() for c in ln.strip().strip("|").split("|")]
+                                       for ln in table.read_text().splitlines()[3:-1])}
+    assert rows[("dcl", "default")][-2:] == [f"{100 * (84.79 - 86.2) / (91.2 - 86.2):.0f}%",   # -28%: below the floor
+                                             f"{100 * (87.47 - 84.5) / (92.0 - 84.5):.0f}%"]   # 40%
+    assert rows[("supervised", "default")][-2:] == ["ceiling", "ceiling"]
+    assert rows[("dcl", "long")][-2:] == ["–", "–"]
+    assert catalog.gap_closed(86.2, 86.2, 91.2) == 0 and catalog.gap_closed(91.2, 86.2, 91.2) == 1
+    assert catalog.gap_closed(90.0, 86.2, 85.0) is None  # a ceiling below the floor measures nothing
+
+
 # ----------------------------------------------------------------------------------------------- reference.json
 
 RESULTS = Path(__file__).parents[1] / "docs" / "results" / "fashion_mnist.md"
@@ -84,7 +104,8 @@ def test_the_shipped_reference_equals_the_results_table():
     lines = RESULTS.read_text().split("<!-- catalog-table:begin -->")[1].split("<!-- catalog-table:end -->")[0]
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines.strip().splitlines()[2:]]
     assert len(rows) == len(shipped) > 0
-    for method, recipe, knn, lin, mlp, rankme, minutes, epochs, date, sha, machine in rows:
+    for method, recipe, knn, lin, mlp, rankme, minutes, epochs, date, sha, machine, *gaps in rows:
+        assert len(gaps) == len(catalog.DERIVED)
         entry = shipped[f"{method}:{recipe}"]
         for cell, key in ((knn, "knn_top1"), (lin, "linear_top1"), (mlp, "mlp_top1"), (rankme, "rankme"),
                           (minutes, "minutes"), (epochs, "epochs")):

@@ -97,6 +97,8 @@ def _float_rule(name: str) -> Rule | None:
         return POSITIVE
     if name == "crop_scale_min":
         return (lambda v: 0 < v <= 1, "in (0, 1]")
+    if "smoothing" in name:  # label smoothing: 1 would make every target uniform
+        return UNIT_OPEN
     if "momentum" in name or name.startswith("ema_") or any(s in name for s in ("ratio", "prob", "fraction")):
         return UNIT
     if "weight" in name or name.startswith(("lambd", "lambda_")) or name in ("eps", "epsilon", "rho", "cls_loss",

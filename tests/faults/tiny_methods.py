@@ -37,6 +37,7 @@ TINY: dict[str, list[str]] = {
     "nnclr": [*_RESNET, "nnclr.queue_size=96", "nnclr.predictor_hidden=32"],
     "dcl": [*_RESNET, "dcl.weighting=vmf"],
     "supcon": [*_RESNET],
+    "supervised": [*_RESNET],
     "npid": [*_RESNET, "npid.dim=16"],
     "meanshift": [*_RESNET, "meanshift.bank_size=96", "meanshift.k=2", "meanshift.predictor_hidden=32"],
     # self-distillation
