@@ -93,6 +93,10 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
     info = describe_data(data, cfg.data.name)
     torch.manual_seed(0)
     raw = entry.build(cfg, info).to(device).train()
+    if cfg.train.compile:  # compiled in the warm-up rounds, as in training (selfsup.compiled)
+        from selfsup.compiled import compile_networks
+
+        compile_networks(raw)
     opt = build_optimizer(cfg.optim.name, raw, 1e-3, cfg.optim.weight_decay, cfg.optim.momentum)
     gen = torch.Generator(device=device).manual_seed(0)
     x = data.images[: cfg.batch_size]

@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     precision: str = "auto"               # auto | fp32 | bf16
     channels_last: str = "auto"           # auto | true | false
+    compile: bool = False                 # torch.compile each network of the method (selfsup.compiled); slower first steps
     accumulate: int = 1                   # gradient accumulation steps per optimizer step
     num_threads: int = 0                  # CPU threads for torch (0: torch's default)
     checkpoint_every: int = 0             # steps between checkpoints (0: only at epoch ends)

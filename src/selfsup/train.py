@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from selfsup import __version__
 from selfsup import distributed as du
 from selfsup.budget import choose_epochs, parse_budget, time_training_step
+from selfsup.compiled import compile_networks
 from selfsup.config import Config
 from selfsup.contract import Method, Progress
 from selfsup.data.datasets import ImageDataset
@@ -434,6 +435,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         # batch norm over the whole batch (cookbook §3.8.1): PyTorch's SyncBatchNorm on CUDA, selfsup's
         # GlobalBatchNorm on gloo (CPU); a method's local_batchnorm modules (MoCo v2's shuffled key encoder) excepted
         raw = synchronize_batchnorm(raw, device.type)
+    if cfg.train.compile:  # after the batch norms are swapped, before DDP wraps the method
+        say(f"selfsup: train.compile: torch.compile on {', '.join(compile_networks(raw))} (the first steps compile)")
+    if dist.enabled:
         # no buffer broadcasting: a method keeps its buffers (centers, queues, BN statistics) equal on every process
         # by construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence
         # and overwrite per-step accumulators.
