@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup import distributed as du
 from selfsup.config import ConfigError
 from selfsup.data.types import DataInfo
 from selfsup.data.views import MultiView, crop_views
@@ -161,7 +162,10 @@ class Data2Vec(Method):
             target = data2vec_targets(layers, k, 1, p.layer_norm_targets).repeat_interleave(c, 0)
         student = self.encoder.forward_features(x.repeat_interleave(c, 0), keep=keep)
         reg = data2vec_regression(self.decoder(student["tokens"], restore), target, mask)
-        cls = data2vec_cls_term(student["cls"], target, p.cls_loss) if p.cls_loss > 0 else reg.new_zeros(())
+        # the [CLS] term is a SUM over the images of the whole batch (data2vec_cls_term): this process's share times
+        # the process count, so that the average DDP/FSDP take over processes is the 1-process sum (tests/test_fsdp.py)
+        cls = (data2vec_cls_term(student["cls"], target, p.cls_loss) * du.get_world_size() if p.cls_loss > 0
+               else reg.new_zeros(()))
         return {"loss": reg + cls, "features": student["pooled"][::c], "d2v_regression": reg.detach(),
                 "d2v_cls": cls.detach(), "masked_fraction": mask.float().mean()}
 
