@@ -37,8 +37,11 @@ def test_measure_reports_consistent_timings_and_ratios(tiny_fmnist):
     # the step contains a fwd+bwd and the views: it cannot be much faster than either (timing noise aside)
     assert r["step_ms"] > 0.5 * r["fwd_bwd_ms"] and r["step_ms"] > r["views_ms"] * 0.5
     assert r["model_tflops_per_step"] > 0 and "mfu" not in r  # MFU only on a GPU of the peak table
+    assert r["loader_images_per_s"] == pytest.approx(32 / (r["loader_ms"] / 1e3), rel=1e-9)
+    assert r["loader_vs_step"] == pytest.approx(r["step_ms"] / r["loader_ms"], rel=1e-9)
+    assert r["loader_ms"] < r["step_ms"]  # gathering 32 tiny uint8 images is far cheaper than training on them
     text = describe(r)
-    assert "overhead ratio" in text and r["cpu"] in text
+    assert "overhead ratio" in text and r["cpu"] in text and "batch loading" in text
 
 
 def test_cli_writes_json_and_refuses_unknown_methods(tiny_fmnist, tmp_path, capsys):

@@ -6,7 +6,9 @@ In one process, on the recipe's batch and device, interleaved rounds time (media
   backward -> optimizer step) plus ``on_step_end`` (EMA, queues): the samples/s a run gets;
 - **fwd+bwd**: forward and backward of the same modules on views made beforehand (the teacher's forward included, as
   it is inside the method's forward);
-- **views**: the method's view maker alone on the batch.
+- **views**: the method's view maker alone on the batch;
+- **batch loading**: reading a random batch of uint8 images as the trainer does (from memory, or from an image
+  folder's memmapped cache of decoded images), with its ratio to the step: above 1, data never waits.
 
 The **overhead ratio** = step ÷ fwd+bwd (DESIGN.md §4): 1.0 is the physical limit, and what exceeds it is the
 trainer's and the view maker's cost. When kornia is installed, SimCLR's two views at the run's view size are also
@@ -116,7 +118,13 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
         loss.backward()
         raw.zero_grad(set_to_none=True)
 
-    fns = {"step": full_step, "fwd_bwd": fwd_bwd, "views": lambda: raw.view_maker(xd, gen)}
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+
+    def load_batch():  # what the trainer reads per step: a random batch of uint8 images, from memory or the cache
+        i = int(torch.randint(0, len(data) - cfg.batch_size + 1, ()))
+        return data.images[order[i:i + cfg.batch_size]]
+
+    fns = {"step": full_step, "fwd_bwd": fwd_bwd, "views": lambda: raw.view_maker(xd, gen), "loader": load_batch}
     kornia = _kornia_two_views(info.shape[0], cfg.views.size, info.mean, info.std, device)
     if kornia is not None:
         ours = simclr_views(cfg.views.size, info.mean, info.std, info.shape[0])
@@ -140,6 +148,8 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
         "step_ms": med["step"] * 1e3, "fwd_bwd_ms": med["fwd_bwd"] * 1e3, "views_ms": med["views"] * 1e3,
         "samples_per_s": cfg.batch_size / med["step"], "overhead_ratio": med["step"] / med["fwd_bwd"],
         "views_per_s": cfg.batch_size * n_views / med["views"], "n_views": n_views,
+        "loader_ms": med["loader"] * 1e3, "loader_images_per_s": cfg.batch_size / med["loader"], "loader_vs_step": med["step"] / med["loader"],
+        "data": data.name,
     }
     if kornia is not None:
         result["simclr_views_per_s"] = 2 * cfg.batch_size / med["simclr_views"]
@@ -166,6 +176,8 @@ def describe(r: dict) -> str:
              f"  training step   {r['step_ms']:8.1f} ms  = {r['samples_per_s']:,.0f} samples/s",
              f"  fwd+bwd alone   {r['fwd_bwd_ms']:8.1f} ms  overhead ratio {r['overhead_ratio']:.3f} (1.0 = the limit)",
              f"  views alone     {r['views_ms']:8.1f} ms  = {r['views_per_s']:,.0f} views/s ({r['n_views']} per image)",
+             f"  batch loading   {r['loader_ms']:8.1f} ms  = {r['loader_images_per_s']:,.0f} images/s from {r['data']} "
+             f"({r['loader_vs_step']:,.0f}x what the step consumes)",
              f"  model FLOPs     {r['model_tflops_per_step'] * 1e3:8.2f} GFLOP per fwd+bwd = "
              f"{r['achieved_tflops']:.3f} TFLOP/s achieved" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else "")]
     if "views_vs_kornia" in r:

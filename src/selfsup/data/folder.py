@@ -37,6 +37,7 @@ run can tell whether it trains on the same images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -330,6 +331,41 @@ def _cache_is_valid(index: dict, entries: list, size: int, data_path: Path) -> b
     return index["count"] == 0 or (data_path.is_file() and data_path.stat().st_size == expected)
 
 
+def _read_index(index_path: Path) -> dict:
+    try:
+        return json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (``flock``): the processes of a multi-process run on one machine
+    (torchrun, srun) load the same folder at once, and without it each decoded every image into the same cache. The
+    first takes the lock and decodes; the others wait, then map what it wrote. Where locks are not supported (no
+    fcntl, or a file system that refuses them) every process decodes, as before: correct, only slower."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        f = open(lock_path, "a+")
+    except OSError:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -369,15 +405,15 @@ def load_folder(root: str | os.PathLike | None, split: str = "train", *, image_s
     key = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:12]
     stem = cache / f"{directory.name or 'root'}-{key}-{size}"
     data_path, index_path = stem.with_suffix(".u8"), stem.with_suffix(".json")
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = _read_index(index_path)
     if not _cache_is_valid(index, entries, size, data_path):
-        index = _build_cache(directory, files, size, data_path)
-        index.update(files=entries, classes=classes,
-                     labels=None if labels is None else [labels[i] for i in index["kept"]])
-        atomic_write_json(index_path, index)
+        with _exclusive(stem.with_suffix(".lock")):  # the processes of a node: one decodes, the others wait for it
+            index = _read_index(index_path)
+            if not _cache_is_valid(index, entries, size, data_path):
+                index = _build_cache(directory, files, size, data_path)
+                index.update(files=entries, classes=classes,
+                             labels=None if labels is None else [labels[i] for i in index["kept"]])
+                atomic_write_json(index_path, index)
 
     skipped = sorted(problems + index["skipped"])
     if on_error == "raise" and skipped:
