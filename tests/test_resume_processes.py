@@ -35,7 +35,7 @@ FIXED_VIEWS = ["views.scale=[1.0,1.0]", "views.ratio=[1.0,1.0]", "views.hflip_p=
 def _args(root, out, *extra):
     return ["train", "simclr", f"data.root={root}", f"out={out}", "epochs=1", "batch_size=64", "model.width=4",
             "model.projector_hidden=32", "model.projector_out=16", "views.size=16", "optim.name=sgd",
-            "optim.base_lr=0.1", "optim.lr_rule=none", "optim.warmup_epochs=0.5", "train.device=cpu",
+            "optim.base_lr=0.1", "optim.lr_rule=none", "optim.warmup_epochs=0.5", "train.device=cpu", "train.precision=fp32",
             "train.log_every=1", "train.knn_every=0", "train.online_probe=false", "eval=false", *FIXED_VIEWS, *extra]
 
 

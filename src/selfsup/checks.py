@@ -226,6 +226,23 @@ def check_processes(cfg: Config, world_size: int) -> None:
                           f"divisible; use a multiple of {parts}, e.g. batch_size={max(parts, cfg.batch_size // parts * parts)}")
 
 
+def check_fsdp(cfg: Config, world_size: int, device_type: str = "cpu") -> None:
+    """``train.fsdp=true`` with what it can run correctly (selfsup.fsdp): several processes, an element-wise
+    optimizer, and not yet with ``train.compile`` or ``train.budget``."""
+    if not cfg.train.fsdp:
+        return
+    from selfsup.fsdp import check_fsdp as check
+
+    try:
+        check(cfg.optim.name, world_size, device_type)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, on in (("train.compile", cfg.train.compile), ("train.budget", cfg.train.budget is not None)):
+        if on:
+            raise ConfigError(f"train.fsdp=true does not combine with {key} yet (untested: the budget times a copy of "
+                              f"the model, compilation wraps modules FSDP also wraps); drop {key} or train.fsdp")
+
+
 def check_extras(cfg: Config) -> None:
     """The optional packages the config asks for are installed (W&B logging, Hugging Face datasets)."""
     import importlib.util
@@ -247,10 +264,12 @@ def check_before_training(cfg: Config, *, resuming: bool) -> None:
     check_device_available(cfg.train.device)
     check_extras(cfg)
     env = os.environ  # torchrun's variables, or srun's (selfsup.distributed reads the same)
-    check_processes(cfg, int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1"))
+    world_size = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1")
+    check_processes(cfg, world_size)
+    check_fsdp(cfg, world_size, "cuda" if cfg.train.device.startswith("cuda") else "cpu")
     if cfg.out is not None and int(env.get("RANK") or env.get("SLURM_PROCID") or "0") == 0:  # rank 0 writes the run
         check_out_dir(cfg.out, resuming=resuming)
 
 
 __all__ = ["check_values", "check_method_params", "check_before_training", "check_device_available",
-           "check_extras", "check_out_dir", "check_processes"]
+           "check_extras", "check_fsdp", "check_out_dir", "check_processes"]

@@ -167,6 +167,10 @@ def cmd_train(args) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        from selfsup.distributed import shutdown
+
+        shutdown()  # before the interpreter exits: see selfsup.distributed.shutdown
     return 0
 
 

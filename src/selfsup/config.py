@@ -102,6 +102,7 @@ class TrainConfig:
     precision: str = "auto"               # auto | fp32 | bf16
     channels_last: str = "auto"           # auto | true | false
     compile: bool = False                 # torch.compile each network of the method (selfsup.compiled); slower first steps
+    fsdp: bool = False                    # shard weights, gradients, optimizer state over processes (FSDP2; selfsup.fsdp)
     accumulate: int = 1                   # gradient accumulation steps per optimizer step
     num_threads: int = 0                  # CPU threads for torch (0: torch's default)
     checkpoint_every: int = 0             # steps between checkpoints (0: only at epoch ends)

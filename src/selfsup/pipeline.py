@@ -47,7 +47,7 @@ def pretrain(cfg: Config, train_data: ImageDataset | None = None, test_data: Ima
     if not cfg.eval.enabled:
         print(f"selfsup: eval=false: no evaluation; run it later with `selfsup eval {cfg.out}`", flush=True)
         return trained.summary
-    summary = evaluate_run(Path(cfg.out), cfg, train_data, test_data, method=method, device=trained.device,
+    summary = evaluate_run(Path(cfg.out), cfg, train_data, test_data, method=trained.method, device=trained.device,
                            probe=trained.probe)
     summary["total_seconds"] = round(time.time() - t0, 1)
     save_json(Path(cfg.out) / "summary.json", summary)

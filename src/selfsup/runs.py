@@ -34,7 +34,7 @@ CHECKPOINT_FORMAT = 1  # raised when a checkpoint's layout changes in a way olde
 # Keys a resume may change (a trailing "." is a whole section). Everything else is what the run *is*.
 RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.log_every",
              "train.checkpoint_every", "train.knn_every", "train.nonfinite_limit", "train.collapse",
-             "train.knn_monitor_size", "train.device", "train.compile", "train.wandb", "train.wandb_project", "train.wandb_mode",
+             "train.knn_monitor_size", "train.device", "train.compile", "train.fsdp", "train.wandb", "train.wandb_project", "train.wandb_mode",
              "data.root", "data.download", "data.verify")
 
 

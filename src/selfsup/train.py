@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from selfsup import __version__
 from selfsup import distributed as du
 from selfsup.budget import choose_epochs, parse_budget, time_training_step
-from selfsup.compiled import compile_networks
+from selfsup.checks import check_fsdp
+from selfsup.compiled import compile_networks, networks
 from selfsup.config import Config
 from selfsup.contract import Method, Progress
 from selfsup.data.datasets import ImageDataset
@@ -36,16 +37,18 @@ from selfsup.data.types import DataError, DataInfo
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
 from selfsup.evaluate.probe import OnlineLinearProbe
+from selfsup.fsdp import full_states, load_full_states, local, shard
 from selfsup.loggers import Logger
 from selfsup.monitor import CollapseError, CollapseMonitor
 from selfsup.nn.backbones import export_backbone
 from selfsup.nn.sync_bn import synchronize_batchnorm
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
-from selfsup.runs import CHECKPOINT, CHECKPOINT_FORMAT, load_method_state
+from selfsup.runs import CHECKPOINT, CHECKPOINT_FORMAT, build_method, load_method_state
 from selfsup.runtime import (
     atomic_write_bytes,
     autocast,
     autocast_dtype,
+    bf16_hint,
     cpu_model,
     remove_stale_temp_files,
     save_json,
@@ -75,24 +78,27 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def state_is_finite(module: torch.nn.Module) -> bool:
     """True when every floating parameter and buffer of ``module`` (weights, BN statistics, EMA teachers, queues,
     centers) is finite. One pass over the state: run at checkpoints, exports and after a skipped step, not per step."""
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    tensors = [local(t) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def save_checkpoint(path: Path, method, optimizer, probe, step: int, cfg: Config, world_size: int,
                     segments: list[dict], log_window: list[float] | None = None,
-                    data_fingerprint: str | None = None) -> None:
+                    data_fingerprint: str | None = None, states: tuple[dict, dict] | None = None) -> None:
     """`segments`: one record per training session of the run (steps, seconds, images), so a resumed run's
     summary covers its whole training time. `log_window`: the losses of the steps since the last metrics record, so
     the first record after a resume averages the same steps as the uninterrupted run's. `data_fingerprint`: the
-training images' digest (image folders), which a resume compares with the folder it reads.
+    training images' digest (image folders), which a resume compares with the folder it reads. `states`: the
+    method's and the optimizer's full state dicts when they were gathered from shards (``train.fsdp``;
+    :func:`selfsup.fsdp.full_states`).
 
     A state holding NaN or Inf is never written (FloatingPointError): the previous checkpoint stays the last good one.
     """
     if not state_is_finite(method):
         raise FloatingPointError(f"refusing to write {path} at step {step}: the model's weights or buffers hold NaN or "
                                  f"Inf. The previous checkpoint there (if any) is the last good one.")
-    state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+    method_state, optimizer_state = states or (method.state_dict(), optimizer.state_dict())
+    state = {"method": method_state, "optimizer": optimizer_state,
              "probe": probe.state_dict() if probe is not None else None,
              "step": step, "config": cfg.to_dict(), "world_size": world_size, "segments": segments,
              "log_window": list(log_window or []), "data_fingerprint": data_fingerprint,
@@ -115,7 +121,7 @@ class StepResult:
 def grads_finite(module: torch.nn.Module) -> bool:
     """True when every gradient of ``module`` is finite: one sum per tensor (NaN and Inf propagate through it) and a
     single host sync, a few milliseconds for a ResNet-18 on one CPU thread."""
-    sums = [p.grad.detach().sum(dtype=torch.float32) for p in module.parameters() if p.grad is not None]
+    sums = [local(p.grad).detach().sum(dtype=torch.float32) for p in module.parameters() if p.grad is not None]
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
@@ -348,11 +354,13 @@ def _all_finite_everywhere(raw) -> bool:
 
 @dataclass
 class Trained:
-    """What training leaves for evaluation: the run's summary, the online probe, the device it ran on."""
+    """What training leaves for evaluation: the run's summary, the online probe, the device it ran on and the
+    trained method to evaluate (an unsharded copy after ``train.fsdp``; None on processes other than rank 0)."""
 
     summary: dict
     probe: OnlineLinearProbe | None
     device: torch.device
+    method: Method | None = None
 
 
 def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: ImageDataset | None = None, *,
@@ -388,6 +396,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if cfg.batch_size % (world * accum):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x accumulate = {world} x {accum}")
     micro_bs = cfg.batch_size // (world * accum)
+    check_fsdp(cfg, world, device.type)  # the CLI checked it before any work (selfsup.checks); Python callers here
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {len(train_data)} images, fewer than batch_size={cfg.batch_size}; "
@@ -425,6 +434,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     say(f"selfsup: {cfg.method} ({cfg.recipe}) on {train_data.name}: {len(train_data)} images {C}x{H}x{W}, "
         f"{'labels' if labels is not None else 'no labels'}; device {device}, {world} process(es), "
         f"precision {amp or 'fp32'}")
+    hint = bf16_hint(cfg.train.precision, device)
+    if hint:
+        say(hint)
     say(f"selfsup: lr = {cfg.optim.base_lr} x {cfg.optim.lr_rule}(batch {cfg.batch_size}) = {lr:.4g} "
         f"({cfg.optim.name}, warmup {cfg.optim.warmup_epochs} epochs, cosine to {cfg.optim.final_lr * lr:.3g}); "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps; run dir {run_dir}"
@@ -437,7 +449,11 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         raw = synchronize_batchnorm(raw, device.type)
     if cfg.train.compile:  # after the batch norms are swapped, before DDP wraps the method
         say(f"selfsup: train.compile: torch.compile on {', '.join(compile_networks(raw))} (the first steps compile)")
-    if dist.enabled:
+    fsdp = cfg.train.fsdp
+    if fsdp:  # each process holds 1/world of every weight, gradient and optimizer state (selfsup.fsdp)
+        say(f"selfsup: train.fsdp: {', '.join(shard(raw, networks(raw)))} and their transformer blocks sharded over "
+            f"{world} processes")
+    elif dist.enabled:
         # no buffer broadcasting: a method keeps its buffers (centers, queues, BN statistics) equal on every process
         # by construction (all-reduce first); re-sending rank 0's copy before each forward would hide a divergence
         # and overwrite per-step accumulators.
@@ -464,8 +480,11 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if state is not None:
         # loaded to the CPU: load_state_dict copies weights onto the device and moves optimizer state next to its
         # parameters, except AdamW's scalar `step`, which must stay a CPU tensor (a CUDA one syncs every step)
-        load_method_state(raw, state, ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            load_full_states(raw, optimizer, state["method"], state["optimizer"])
+        else:
+            load_method_state(raw, state, ckpt_path)
+            optimizer.load_state_dict(state["optimizer"])
         if probe is not None and state["probe"] is not None:
             probe.load_state_dict(state["probe"])
         start_step, segments = state["step"], list(state.get("segments") or [])
@@ -505,9 +524,10 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
 
     def checkpoint() -> None:
         nonlocal last_good
+        states = full_states(raw, optimizer) if fsdp else None  # collective: every process gathers
         if dist.is_main:
             save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window,
-                            train_data.fingerprint)
+                            train_data.fingerprint, states)
             last_good = (step, ckpt_path)
             if not tty:  # a log file (SLURM, nohup) says where the run can be continued from
                 print(f"checkpoint: step {step} -> {ckpt_path}", flush=True)
@@ -579,8 +599,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                     print(f"epoch {step // steps_per_epoch}/{cfg.epochs} step {step}/{total_steps} loss "
                           f"{result.loss:.4f} lr {cur_lr:.4g} {images_seen / step_time:.0f} img/s eta "
                           f"{(stop_step - step) * step_time / max(step - start_step, 1) / 60:.1f} min", flush=True)
-                if (epoch_end and cfg.train.knn_every and test_data is not None and dist.is_main
+                if (epoch_end and cfg.train.knn_every and test_data is not None and (dist.is_main or fsdp)
                         and (step // steps_per_epoch) % cfg.train.knn_every == 0):
+                    # a sharded encoder gathers its weights from every process: all of them run the monitor
                     acc = _knn_monitor(encoder, train_data, test_data, monitor_idx, mean, std, device, amp, cfg)
                     logger.log({"step": step, "epoch": step / steps_per_epoch, "knn_top1": acc})
                     say(f"  kNN monitor (k={cfg.eval.knn_k}, {len(monitor_idx)} train images): {acc:.2f}%")
@@ -595,8 +616,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                     checkpoint()
                 if _any_process(bool(signals), device) and step < stop_step:
                     checkpoint()
-                    del model  # exit code 75 (requeue), not an abort in gloo's teardown
-                    du.leave(dist)
+                    del model  # then the CLI destroys the group and exits with 75 (requeue), not an abort
+                    du.barrier()
                     raise Preempted(step, signals[0] if signals else "a signal on another process", run_dir, cfg)
     except KeyboardInterrupt:
         checkpoint()
@@ -609,12 +630,18 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             bar.close()
         logger.close()
     segment["seconds"] = round(time.time() - t_loop, 3)
+    states = full_states(raw, optimizer) if fsdp else None
+    if fsdp and dist.is_main:  # evaluation and the export get an unsharded copy
+        raw = build_method(cfg, data).to(device)
+        raw.load_state_dict(states[0])
+        encoder = raw.exports()["backbone"]
     if dist.is_main:
-        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint)
+        save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint,
+                        states)
         export_backbone(encoder, run_dir, extra={"method": cfg.method, "step": step,
                                               "mean": list(mean), "std": list(std)})
-    del model  # DDP's reducer holds the process group: it goes first
-    du.leave(dist)  # rank 0 then evaluates alone, as one process
+    del model  # DDP's reducer holds the process group: it goes before the group (selfsup.distributed.shutdown)
+    du.barrier()
     if not dist.is_main:
         return Trained({}, probe, device)
     # every session of the run counts (time after a run's last checkpoint before a kill is not recorded anywhere)
@@ -632,7 +659,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if budget is not None:  # what train.budget chose, and how the training time compares (this session)
         summary["budget"] = {**budget, "train_seconds": summary["train_seconds"]}
     save_json(run_dir / "summary.json", summary)
-    return Trained(summary, probe, device)
+    return Trained(summary, probe, device, raw)
 
 
 def _report_skipped(data: ImageDataset, run_dir: Path, say) -> None:
