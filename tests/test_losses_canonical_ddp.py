@@ -2,6 +2,7 @@
 canonical-correlation loss (cookbook §3.8.1, DESIGN.md §3). One spawn runs them all, through a DDP-wrapped Linear.
 """
 
+import gc
 import os
 
 import torch
@@ -96,6 +97,7 @@ def _worker(rank, world, port, out_dir):
     torch.save(local, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together; DDP (its reducer holds the group) goes before the group, see test_distributed
     del ddp
+    gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
     dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ The control case, a NT-Xent that scores each process's half only (no gather), mu
 detects a missing gather. TOL = 1e-9 in float64 (summation order only; a missing gather is off by > 1e-2).
 """
 
+import gc
 import os
 
 import torch
@@ -113,6 +114,7 @@ def _worker(rank, world, port, out_dir):
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together, DDP before the group (see tests/test_distributed.py)
     del ddp
+    gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
     dist.destroy_process_group()
 
 

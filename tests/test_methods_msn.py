@@ -3,6 +3,7 @@ gradient into the target branch, 2 processes with half the batch each equal 1 pr
 gradients; a local-only mean prediction does not), and the method under the trainer: the anchor encoder sees exactly
 the kept tokens, resume is bit-identical, bad parameters are refused."""
 
+import gc
 import math
 import os
 
@@ -160,6 +161,8 @@ def _worker(rank, world, port, out_dir):
     grads = {n: p.grad for n, p in lin.named_parameters()}
     torch.save({"loss": loss.detach(), "local": local, "grads": grads}, os.path.join(out_dir, f"r{rank}.pt"))
     dist.barrier()
+    del loss, anchors, ddp  # their autograd graph holds DDP's reducer: it goes before the group (test_distributed)
+    gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
     dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@ exactly as 1 process with nn.BatchNorm on the whole batch; per-process BN (the o
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -69,6 +70,7 @@ def _worker(rank, world, port, out_dir):
                    os.path.join(out_dir, f"{name}{rank}.pt"))
         del model
     dist.barrier()
+    gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
     dist.destroy_process_group()
 
 

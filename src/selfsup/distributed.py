@@ -106,6 +106,9 @@ def shutdown() -> None:
     exit code -6), and torchrun reported the job failed (seen with ``eval=false``; tests/test_resume_processes.py
     checks every launch's output). Destroying it is local to the process: rank 0 may still be evaluating."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # DDP sits in reference cycles: its reducer must go before the group
         dist.destroy_process_group()
 
 

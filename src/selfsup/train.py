@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import signal
@@ -640,7 +641,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                         states)
         export_backbone(encoder, run_dir, extra={"method": cfg.method, "step": step,
                                               "mean": list(mean), "std": list(std)})
-    del model  # DDP's reducer holds the process group: it goes before the group (selfsup.distributed.shutdown)
+    del model  # DDP's reducer holds the process group: it goes before the group (selfsup.distributed.shutdown),
+    gc.collect()  # and DDP sits in reference cycles, which only the collector frees
     du.barrier()
     if not dist.is_main:
         return Trained({}, probe, device)
