@@ -632,9 +632,12 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         logger.close()
     segment["seconds"] = round(time.time() - t_loop, 3)
     states = full_states(raw, optimizer) if fsdp else None
-    if fsdp and dist.is_main:  # evaluation and the export get an unsharded copy
+    if dist.enabled and dist.is_main:
+        # rank 0 evaluates alone: on a copy with plain batch norm (a synchronized one in train mode, as in
+        # eval.finetune, would wait for processes that have finished) and, after FSDP, unsharded weights
+        trained = states[0] if fsdp else raw.state_dict()
         raw = build_method(cfg, data).to(device)
-        raw.load_state_dict(states[0])
+        raw.load_state_dict(trained)
         encoder = raw.exports()["backbone"]
     if dist.is_main:
         save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint,
