@@ -42,7 +42,7 @@ from selfsup.fsdp import full_states, load_full_states, local, shard
 from selfsup.loggers import Logger
 from selfsup.monitor import CollapseError, CollapseMonitor
 from selfsup.nn.backbones import export_backbone
-from selfsup.nn.sync_bn import synchronize_batchnorm
+from selfsup.nn.sync_bn import desynchronize_batchnorm, synchronize_batchnorm
 from selfsup.optim import build_optimizer, scaled_lr, set_lr, set_weight_decay, warmup_cosine
 from selfsup.runs import CHECKPOINT, CHECKPOINT_FORMAT, build_method, load_method_state
 from selfsup.runtime import (
@@ -632,13 +632,14 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         logger.close()
     segment["seconds"] = round(time.time() - t_loop, 3)
     states = full_states(raw, optimizer) if fsdp else None
-    if dist.enabled and dist.is_main:
-        # rank 0 evaluates alone: on a copy with plain batch norm (a synchronized one in train mode, as in
-        # eval.finetune, would wait for processes that have finished) and, after FSDP, unsharded weights
-        trained = states[0] if fsdp else raw.state_dict()
+    if fsdp and dist.is_main:  # evaluation and the export get an unsharded copy
         raw = build_method(cfg, data).to(device)
-        raw.load_state_dict(trained)
+        raw.load_state_dict(states[0])
         encoder = raw.exports()["backbone"]
+    elif dist.enabled and dist.is_main:
+        # rank 0 evaluates alone: its batch norms use its own statistics (a synchronized one in train mode, as in
+        # eval.finetune, would wait for processes that have finished)
+        raw = desynchronize_batchnorm(raw)
     if dist.is_main:
         save_checkpoint(ckpt_path, raw, optimizer, probe, step, cfg, world, segments, window, train_data.fingerprint,
                         states)

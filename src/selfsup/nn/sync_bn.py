@@ -53,8 +53,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got a {x.dim()}-d tensor")
 
+    synchronize = True  # False: this process's statistics only (desynchronize_batchnorm), a plain batch norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or _world_size() == 1:
+        if not self.training or not self.synchronize or _world_size() == 1:
             return super().forward(x)
         self._check_input_dim(x)
         # statistics in float32 at least (bf16/fp16 activations under autocast lose the sums), the count in float64
@@ -105,6 +107,31 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
         return new
     for name, child in module.named_children():
         new = convert_global_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def desynchronize_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every synchronized batch norm under ``module`` use this process's statistics only, keeping its parameters
+    and running statistics (in place; returns the new module when ``module`` itself is one): for what one process
+    does alone after a multi-process run (rank 0's evaluation, whose fine-tune runs batch norm in train mode while
+    the other processes have finished)."""
+    if isinstance(module, GlobalBatchNorm):
+        module.synchronize = False
+        return module
+    if isinstance(module, nn.SyncBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        new.synchronize, new.training = False, module.training
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        return new
+    for name, child in module.named_children():
+        new = desynchronize_batchnorm(child)
         if new is not child:
             setattr(module, name, new)
     return module
