@@ -90,21 +90,26 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
 
 
+def _global_batchnorm_of(module: nn.modules.batchnorm._BatchNorm, synchronize: bool) -> GlobalBatchNorm:
+    """A :class:`GlobalBatchNorm` holding ``module``'s very Parameters and running statistics (optimizers still hold
+    them), in its training mode."""
+    new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    new.synchronize, new.training = synchronize, module.training
+    if module.affine:
+        new.weight, new.bias = module.weight, module.bias
+    if module.track_running_stats:
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+    return new
+
+
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` under ``module`` by a :class:`GlobalBatchNorm` holding the same
     parameters and running statistics (returns the new module when ``module`` itself is one). For CPU runs on
     several processes; CUDA runs use ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GlobalBatchNorm,
                                                                                         nn.SyncBatchNorm)):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        new.training = module.training
-        if module.affine:
-            new.weight, new.bias = module.weight, module.bias  # the same Parameters: optimizers still hold them
-        if module.track_running_stats:
-            new.running_mean, new.running_var = module.running_mean, module.running_var
-            new.num_batches_tracked = module.num_batches_tracked
-        return new
+        return _global_batchnorm_of(module, synchronize=True)
     for name, child in module.named_children():
         new = convert_global_batchnorm(child)
         if new is not child:
@@ -121,15 +126,7 @@ def desynchronize_batchnorm(module: nn.Module) -> nn.Module:
         module.synchronize = False
         return module
     if isinstance(module, nn.SyncBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        new.synchronize, new.training = False, module.training
-        if module.affine:
-            new.weight, new.bias = module.weight, module.bias
-        if module.track_running_stats:
-            new.running_mean, new.running_var = module.running_mean, module.running_var
-            new.num_batches_tracked = module.num_batches_tracked
-        return new
+        return _global_batchnorm_of(module, synchronize=False)
     for name, child in module.named_children():
         new = desynchronize_batchnorm(child)
         if new is not child:
