@@ -54,10 +54,10 @@ def choose_epochs(budget_seconds: float, step_seconds: float, steps_per_epoch: i
 
 
 def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, amp,
-                       channels_last: bool, steps: int = 4, warmup: int = 2) -> float:
+                       channels_last: bool, steps: int = 4, warmup: int = 2, view_maker=None) -> float:
     """Median seconds of one full training step (views, forward, backward, optimizer step, ``on_step_end``) of a
     deep copy of ``raw`` on ``images`` (this process's share of a batch), leaving ``raw``, its optimizer and the
-    global random state as they were."""
+    global random state as they were. ``view_maker``: another view maker than ``raw``'s (smaller crops)."""
     from selfsup.contract import Progress
     from selfsup.optim import build_optimizer
     from selfsup.train import train_step
@@ -76,7 +76,7 @@ def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | No
             sync()
             t0 = time.perf_counter()
             train_step(trial, trial, optimizer, None, images, labels, gen, cfg.train.accumulate, device, amp,
-                       channels_last, progress, index=index)
+                       channels_last, progress, index=index, view_maker=view_maker)
             trial.on_step_end(progress.after())
             sync()
             if i >= warmup:

@@ -50,7 +50,9 @@ CORE_RULES: dict[str, Rule] = {
     "views.jitter_p": UNIT, "views.brightness": NON_NEGATIVE, "views.contrast": NON_NEGATIVE,
     "views.saturation": NON_NEGATIVE, "views.hue": HUE, "views.gray_p": UNIT, "views.blur_p": UNIT,
     "views.solarize_p": UNIT, "views.n_local": NON_NEGATIVE, "views.local_size": AT_LEAST_1,
-    "views.local_scale": SCALE_RANGE,
+    "views.local_scale": SCALE_RANGE, "views.min_size": NON_NEGATIVE,
+    "views.size_ramp": (lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1, "two fractions of training [a, b] with "
+                        "0 <= a <= b <= 1"),
     "optim.base_lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.momentum": UNIT_OPEN,
     "optim.warmup_epochs": NON_NEGATIVE, "optim.final_lr": NON_NEGATIVE, "optim.clip_grad": NON_NEGATIVE,
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"),
@@ -73,7 +75,8 @@ CORE_RULES: dict[str, Rule] = {
 # What a zero means for each key where 0 is allowed, so the message can say it (e.g. train.max_steps=0: all epochs).
 ZERO_MEANS = {"train.num_threads": "torch's default", "train.checkpoint_every": "only at epoch ends",
               "train.knn_every": "off", "train.max_steps": "all epochs", "optim.clip_grad": "off",
-              "eval.finetune_train_size": "every train image", "eval.lidar_images": "off"}
+              "eval.finetune_train_size": "every train image", "eval.lidar_images": "off",
+              "views.min_size": "every crop at views.size"}
 
 # Method parameters, by name. Integers are >= 1 (a size, a count, a dimension) unless listed here or named *_epochs.
 INT_ZERO_ALLOWED = {"patch_out_dim": "the [CLS] head's out_dim", "predictor_heads": "the encoder's heads",

@@ -78,6 +78,10 @@ class ViewsConfig:
     n_local: int = 0                      # multi-crop (cookbook §3.1.1): number of small crops
     local_size: int = 16
     local_scale: tuple[float, float] = (0.05, 0.4)
+    min_size: int = 0                     # progressive resolution (FFCV-SSL; selfsup.data.progressive): global crops
+                                          # start at this side and grow to `size`; 0: off
+    size_ramp: tuple[float, float] = (0.74, 0.86)  # the fractions of training between which the side grows
+                                          # (ffcv-imagenet rn50_88_epochs.yaml: 160 -> 192 px over epochs 65-76 of 88)
 
 
 @dataclass

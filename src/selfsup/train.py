@@ -31,9 +31,11 @@ from selfsup import distributed as du
 from selfsup.budget import choose_epochs, parse_budget, time_training_step
 from selfsup.checks import check_fsdp
 from selfsup.compiled import compile_networks, networks
-from selfsup.config import Config
+from selfsup.config import Config, ConfigError
 from selfsup.contract import Method, Progress
 from selfsup.data.datasets import ImageDataset
+from selfsup.data.progressive import MULTIPLE as PROGRESSIVE_MULTIPLE
+from selfsup.data.progressive import ProgressiveViews, mean_step_cost
 from selfsup.data.types import DataError, DataInfo
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_classify
@@ -134,9 +136,11 @@ def norm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp, channels_last: bool,
-               progress: Progress, clip_grad: float = 0.0, index: torch.Tensor | None = None) -> StepResult:
+               progress: Progress, clip_grad: float = 0.0, index: torch.Tensor | None = None,
+               view_maker=None) -> StepResult:
     """One optimizer step on this process's uint8 images `x` (labels `y` or None; `index`, their rows in the training
     set), in `accum` micro-batches; the views carry each micro-batch's labels and rows (``Views.labels/.index``).
+    `view_maker` replaces ``raw.view_maker`` for this step (progressive resolution's smaller crops).
 
     `model` is `raw` or its DDP wrapper; gradients are synchronized only on the last micro-batch. When the loss and
     every gradient are finite on every process: `raw.before_optimizer_step(progress)`, gradient clipping to a global
@@ -150,7 +154,7 @@ def train_step(model, raw, optimizer, probe, x, y, gen, accum: int, device, amp,
     before = [t.clone() for t in statistics]  # the forward pass updates them: a skipped step puts them back
     for m in range(accum):
         xm = x[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-        views = raw.view_maker(xm, gen)
+        views = (view_maker or raw.view_maker)(xm, gen)
         part = slice(m * micro, (m + 1) * micro)
         views = dataclasses.replace(views, labels=None if y is None else y[part].to(device, non_blocking=True),
                                     index=None if index is None else index[part].to(device, non_blocking=True))
@@ -320,13 +324,35 @@ def _on_collapse(evidence: str | None, step: int, cfg: Config, segment: dict, ch
         say(f"selfsup: WARNING step {step}: {evidence}: a {advice}. (train.collapse=stop ends such a run.)")
 
 
+def _progressive_views(cfg: Config, raw) -> ProgressiveViews | None:
+    """``views.min_size``: the view maker of each step (selfsup.data.progressive); ConfigError for what cannot run."""
+    if not cfg.views.min_size:
+        return None
+    encoder = raw.exports()["backbone"]
+    if hasattr(getattr(encoder, "model", None), "patch_embed"):
+        raise ConfigError(f"views.min_size={cfg.views.min_size}: the timm transformer {cfg.model.backbone} takes one "
+                          f"input size; progressive resolution needs a ResNet, the package's ViT (vit_tiny ...) or a "
+                          f"timm ConvNet. Set views.min_size=0.")
+    try:  # the package's ViT interpolates its position embedding to a smaller grid of whole patches
+        return ProgressiveViews(raw.view_maker, cfg.views.min_size, tuple(cfg.views.size_ramp),
+                                getattr(encoder, "patch_size", PROGRESSIVE_MULTIPLE))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channels_last: bool, micro_bs: int,
-                steps_per_epoch: int, dist, say) -> dict:
-    """``train.budget``: time this machine's training step, set ``cfg.epochs`` to what fits (selfsup.budget)."""
+                steps_per_epoch: int, dist, say, progressive: ProgressiveViews | None = None) -> dict:
+    """``train.budget``: time this machine's training step, set ``cfg.epochs`` to what fits (selfsup.budget). With
+    progressive resolution the step is timed at both sides and the run's mean step time budgeted."""
     seconds = parse_budget(cfg.train.budget)
     n = micro_bs * cfg.train.accumulate
     labels = None if train_data.labels is None else train_data.labels[:n]
-    step_s = time_training_step(raw, cfg, train_data.images[:n], labels, device, amp, channels_last)
+    step_s = step_full = time_training_step(raw, cfg, train_data.images[:n], labels, device, amp, channels_last)
+    if progressive is not None:
+        p = progressive
+        step_min = time_training_step(raw, cfg, train_data.images[:n], labels, device, amp, channels_last,
+                                      view_maker=p.at(0.0))
+        step_s = mean_step_cost(p.min_size, p.size, p.ramp, p.multiple, step_full, step_min)
     if dist.enabled:  # every process must train the same number of steps: the slowest decides
         slowest = torch.tensor([step_s], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
@@ -337,6 +363,10 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
     cfg.optim.warmup_epochs = round(warmup_before * cfg.epochs / before, 6)
     planned = cfg.epochs * steps_per_epoch * step_s
     timing = f"a training step takes {step_s * 1e3:.0f} ms here (median of 4 timed on a copy)"
+    if progressive is not None:
+        timing = (f"a training step takes {step_min * 1e3:.0f} ms at {progressive.min_size} px and {step_full * 1e3:.0f} "
+                  f"ms at {progressive.size} px here (median of 4 timed on a copy; {step_s * 1e3:.0f} ms on average "
+                  f"over the run's resolution schedule)")
     if planned > seconds:
         say(f"selfsup: WARNING train.budget={cfg.train.budget}: {timing}, so one epoch ({planned / 60:.1f} min) does "
             "not fit; training 1 epoch. Lower batch_size, the model's size or the data, or raise the budget.")
@@ -414,6 +444,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                         "added, removed, renamed or rewritten): resuming would train the rest of the run on other "
                         "images. Restore the folder as it was, or start a new run with another out=DIR.")
     raw = method.to(device)
+    progressive = _progressive_views(cfg, raw)  # None unless views.min_size: refused before anything is written
     amp = autocast_dtype(cfg.train.precision, device)
     channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
     if channels_last:
@@ -470,7 +501,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
 
     budget = None
     if cfg.train.budget is not None and state is None:  # a resume keeps the epochs the budget chose
-        budget = _fit_budget(cfg, raw, train_data, device, amp, channels_last, micro_bs, steps_per_epoch, dist, say)
+        budget = _fit_budget(cfg, raw, train_data, device, amp, channels_last, micro_bs, steps_per_epoch, dist, say,
+                             progressive)
         total_steps = cfg.epochs * steps_per_epoch
         stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
         if dist.is_main:
@@ -522,6 +554,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     t_loop = time.time()
     order, order_epoch = None, -1
     step = start_step
+    crop_side = None  # progressive resolution: the side the log last announced
 
     def checkpoint() -> None:
         nonlocal last_good
@@ -552,8 +585,14 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                 x = train_data.images[local]
                 y = labels[local] if labels is not None else None
                 progress = Progress(step, total_steps, steps_per_epoch)
+                view_maker = None
+                if progressive is not None:
+                    view_maker, side = progressive.at(step / total_steps), progressive.side(step / total_steps)
+                    if side != crop_side:
+                        say(f"selfsup: step {step}: global crops {side} px (progressive resolution)")
+                        crop_side = side
                 result = train_step(model, raw, optimizer, probe, x, y, gen, accum, device, amp, channels_last,
-                                    progress, cfg.optim.clip_grad, index=local)
+                                    progress, cfg.optim.clip_grad, index=local, view_maker=view_maker)
                 if result.applied:
                     bad_in_row = 0
                     hook_logs = raw.on_step_end(progress.after()) or {}

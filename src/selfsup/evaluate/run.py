@@ -57,6 +57,8 @@ def run_hyperparameters(cfg: Config, summary: dict | None = None, resolved_views
     hp["views.size"] = resolved.get("size", cfg.views.size)
     hp["views.scale"] = resolved.get("scale", cfg.views.scale)
     hp["views.n_local"] = cfg.views.n_local
+    if cfg.views.min_size:
+        hp["views.min_size"], hp["views.size_ramp"] = cfg.views.min_size, list(cfg.views.size_ramp)
     if cfg.views.n_local:
         hp["views.local_size"], hp["views.local_scale"] = cfg.views.local_size, list(cfg.views.local_scale)
     hp["model.backbone"] = cfg.model.backbone
