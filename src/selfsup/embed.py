@@ -239,14 +239,14 @@ def _folder_images(path: Path, encoder: Encoder, batch_size: int) -> Images:
 def read_image(path: Path, size: int, channels: int, *, strict: bool = False) -> np.ndarray | None:
     """One image as uint8 ``(channels, size, size)`` by the folder reader's rules; None (with a note on stderr) when
     it cannot be read, or :class:`selfsup.data.types.DataError` with ``strict=True``."""
-    from selfsup.data.folder import _decode, _reason
+    from selfsup.data.folder import decode_image, skip_reason
     from selfsup.data.types import DataError
 
-    result = _decode(path, size, "L" if channels == 1 else "RGB")
+    result = decode_image(path, size, "L" if channels == 1 else "RGB")
     if isinstance(result, Exception):
         if strict:
-            raise DataError(f"cannot read image {path}: {_reason(result)}")
-        print(f"selfsup embed: skipped {path}: {_reason(result)}", file=sys.stderr)
+            raise DataError(f"cannot read image {path}: {skip_reason(result)}")
+        print(f"selfsup embed: skipped {path}: {skip_reason(result)}", file=sys.stderr)
         return None
     return np.ascontiguousarray(result)  # a writable copy (PIL's buffers are read-only)
 

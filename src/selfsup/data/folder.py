@@ -58,14 +58,14 @@ AUTO_SIZE_LIMIT = 224  # the most the images decide on their own: the standard I
                        # make large caches and slow views for a first run; data.image_size=N chooses any size
 _SIZE_SAMPLE = 256     # image headers read (evenly spaced over the sorted files) to decide the size
 _CACHE_VERSION = 2  # 2: file entries carry the permission bits; skip reasons reworded
-_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _EXIF_ORIENTATION = 0x0112
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Pillow >= 9.1 moved the constants
 _WORKERS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
 
 
-class _Unusable(Exception):
+class UnusableImage(Exception):
     """A file this reader refuses on purpose; the message is the reason recorded for it."""
 
 
@@ -218,12 +218,12 @@ def _has_alpha(im: Image.Image) -> bool:
 def to_8bit(im: Image.Image, mode: str) -> Image.Image:
     """``im`` as an 8-bit ``mode`` ("L" or "RGB") image, by the rules of the module docstring.
 
-    Raises :class:`_Unusable` for integer images outside 0..65535 and float images outside [0, 1].
+    Raises :class:`UnusableImage` for integer images outside 0..65535 and float images outside [0, 1].
     """
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise _Unusable(f"32-bit integer image with values in {a.min()}..{a.max()}: only 0..65535 (16 bit) is "
+            raise UnusableImage(f"32-bit integer image with values in {a.min()}..{a.max()}: only 0..65535 (16 bit) is "
                             "read; save it as an 8- or 16-bit image")
         im = Image.fromarray(((a + 128) // 257).astype(np.uint8))  # round(v / 257): 0..65535 -> 0..255
     elif im.mode == "F":
@@ -231,7 +231,7 @@ def to_8bit(im: Image.Image, mode: str) -> Image.Image:
         if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
             lo, hi = np.nanmin(a), np.nanmax(a)
             nan = ", with NaN or infinite values" if not np.isfinite(a).all() else ""
-            raise _Unusable(f"32-bit float image with values in [{lo:g}, {hi:g}]{nan}: only floats in [0, 1] are "
+            raise UnusableImage(f"32-bit float image with values in [{lo:g}, {hi:g}]{nan}: only floats in [0, 1] are "
                             "read (as round(255 x)); rescale it to [0, 1] or save it as an 8- or 16-bit image")
         im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
     elif _has_alpha(im):  # composite onto black: color * alpha / 255, rounded
@@ -240,11 +240,11 @@ def to_8bit(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
-def _decompression_bomb(w: int, h: int) -> _Unusable | None:
+def _decompression_bomb(w: int, h: int) -> UnusableImage | None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or w * h <= limit:
         return None
-    return _Unusable(f"{w}x{h} = {w * h:,} pixels, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS "
+    return UnusableImage(f"{w}x{h} = {w * h:,} pixels, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS "
                      f"= {limit:,}; downscale the image, or if you trust it raise that limit (or set it to None) "
                      "before loading")
 
@@ -253,7 +253,7 @@ def _probe(path: Path) -> str | Exception:
     """The image mode from the header alone (no pixel decoding), or why the file cannot be used."""
     try:
         if path.stat().st_size == 0:
-            raise _Unusable("empty file (0 bytes); delete it or copy it again")
+            raise UnusableImage("empty file (0 bytes); delete it or copy it again")
         with Image.open(path) as im:
             bomb = _decompression_bomb(*im.size)
             if bomb is not None:
@@ -263,8 +263,9 @@ def _probe(path: Path) -> str | Exception:
         return e
 
 
-def _decode(path: Path, size: int, mode: str) -> np.ndarray | Exception:
-    """(C, size, size) uint8 in ``mode`` ("L" or "RGB"), upright, or the error; gray -> RGB replicates the channel."""
+def decode_image(path: Path, size: int, mode: str) -> np.ndarray | Exception:
+    """(C, size, size) uint8 in ``mode`` ("L" or "RGB"), upright, or the error; gray -> RGB replicates the channel.
+    The one decoder of image files: the folder cache and `selfsup embed` use it."""
     try:
         with Image.open(path) as im:
             if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
@@ -275,9 +276,9 @@ def _decode(path: Path, size: int, mode: str) -> np.ndarray | Exception:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _reason(e: Exception) -> str:
+def skip_reason(e: Exception) -> str:
     """Why a file was skipped, and what to do about it, in one line."""
-    if isinstance(e, _Unusable):
+    if isinstance(e, UnusableImage):
         return str(e)
     if isinstance(e, PermissionError):
         return f"permission denied ({e.strerror}); make it readable (chmod a+r) or delete it"
@@ -299,16 +300,16 @@ def _build_cache(directory: Path, files: list[str], size: int, data_path: Path) 
     with ThreadPoolExecutor(_WORKERS) as pool:
         modes = list(pool.map(_probe, paths))
         readable = [i for i, m in enumerate(modes) if isinstance(m, str)]
-        skipped = [[files[i], _reason(m)] for i, m in enumerate(modes) if isinstance(m, Exception)]
-        mode = "L" if readable and all(modes[i] in _GRAY_MODES for i in readable) else "RGB"
+        skipped = [[files[i], skip_reason(m)] for i, m in enumerate(modes) if isinstance(m, Exception)]
+        mode = "L" if readable and all(modes[i] in GRAY_MODES for i in readable) else "RGB"
         channels = 1 if mode == "L" else 3
         kept: list[int] = []
         tmp = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
         if readable:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(readable), channels, size, size))
-            for i, result in zip(readable, pool.map(lambda i: _decode(paths[i], size, mode), readable)):
+            for i, result in zip(readable, pool.map(lambda i: decode_image(paths[i], size, mode), readable)):
                 if isinstance(result, Exception):  # e.g. a truncated file whose header was fine
-                    skipped.append([files[i], _reason(result)])
+                    skipped.append([files[i], skip_reason(result)])
                 else:
                     out[len(kept)] = result
                     kept.append(i)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from selfsup.data.folder import _GRAY_MODES, _Unusable, resize_center_crop, to_8bit, typical_side
+from selfsup.data.folder import GRAY_MODES, UnusableImage, resize_center_crop, to_8bit, typical_side
 from selfsup.data.types import DataError, ImageDataset
 
 _BATCH = 512  # rows read from the Arrow table at a time
@@ -161,7 +161,7 @@ def _pixels(im: Image.Image, mode: str, side: int | None, where: str) -> np.ndar
         if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)
         im = to_8bit(im, mode)
-    except _Unusable as e:
+    except UnusableImage as e:
         raise DataError(f"{where}: {e}") from None
     a = np.asarray(resize_center_crop(im, side) if side is not None else im)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -199,7 +199,7 @@ def load_hf(root: str | os.PathLike | None, split: str = "train", *, image_colum
     for _, im in _rows(headers, image_column):  # headers only for encoded images: nothing is decoded twice
         modes.append(im.mode)
         sizes.append(im.size)
-    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
+    mode = "L" if all(m in GRAY_MODES for m in modes) else "RGB"
     side = _decide_side(sizes, image_size, f"{root} ({split})")
     h, w = (sizes[0][1], sizes[0][0]) if side is None else (side, side)
     out = np.empty((len(ds), 1 if mode == "L" else 3, h, w), dtype=np.uint8)
