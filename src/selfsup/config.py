@@ -468,8 +468,7 @@ def _check(cfg: Config) -> None:
         canonical_name(cfg.data.name)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"data.name: {e.args[0] if e.args else e}") from None
-    from selfsup.checks import check_values
+    from selfsup.checks import check_processes, check_values
 
     check_values(cfg)
-    if cfg.batch_size % cfg.train.accumulate:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by train.accumulate={cfg.train.accumulate}")
+    check_processes(cfg, 1)  # with 1 process here; check_before_training checks the launch's world size

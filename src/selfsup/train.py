@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from selfsup import __version__
 from selfsup import distributed as du
 from selfsup.budget import choose_epochs, parse_budget, time_training_step
-from selfsup.checks import check_fsdp
+from selfsup.checks import check_fsdp, check_processes
 from selfsup.compiled import compile_networks, networks
 from selfsup.config import Config, ConfigError
 from selfsup.contract import Method, Progress
@@ -424,8 +424,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     mean, std = data.mean, data.std
 
     world, accum = dist.world_size, cfg.train.accumulate
-    if cfg.batch_size % (world * accum):
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x accumulate = {world} x {accum}")
+    check_processes(cfg, world)  # the CLI checked it before any work (selfsup.checks); Python callers here
     micro_bs = cfg.batch_size // (world * accum)
     check_fsdp(cfg, world, device.type)  # the CLI checked it before any work (selfsup.checks); Python callers here
     steps_per_epoch = len(train_data) // cfg.batch_size
