@@ -69,3 +69,7 @@ def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, m
     monkeypatch.setattr(selfsup.train, "choose_epochs", lambda *a: pytest.fail("a resume must not re-time the run"))
     assert main(["train", "simclr", f"out={a}", "resume=auto", "epochs=3"]) == 0  # the saved config, 1 epoch more
     assert torch.load(a / "checkpoints/last.pt", weights_only=True)["step"] == 12
+    resumed = json.loads((a / "summary.json").read_text())  # the choice is still reported, with both sessions' time
+    assert resumed["budget"]["epochs"] == 2 and resumed["budget"]["seconds"] == 120
+    assert resumed["budget"]["train_seconds"] == resumed["train_seconds"] >= summary["train_seconds"]
+    assert len(resumed["segments"]) == 2

@@ -527,6 +527,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
             say(process_count_change(state["world_size"], world, cfg.batch_size, accum))
     segment = {"start_step": start_step, "end_step": start_step, "seconds": 0.0, "step_seconds": 0.0, "images": 0,
                "processes": world, "changes": state.get("changes", {}) if state is not None else {}}
+    if budget is not None:  # kept in the checkpoint with the segments: a resumed run's summary still shows it
+        segment["budget"] = budget
     segments = [*segments, segment]
 
     logger = Logger(run_dir, dist.is_main, start_step, cfg)  # metrics.jsonl, TensorBoard, W&B (train.wandb)
@@ -700,8 +702,9 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in segments),
                "collapse_warnings": [w for s in segments for w in s.get("collapse_warnings", [])],
                "torch": torch.__version__}
-    if budget is not None:  # what train.budget chose, and how the training time compares (this session)
-        summary["budget"] = {**budget, "train_seconds": summary["train_seconds"]}
+    chosen = next((s["budget"] for s in segments if "budget" in s), None)
+    if chosen is not None:  # what train.budget chose, and how the run's training time (every session) compares
+        summary["budget"] = {**chosen, "train_seconds": summary["train_seconds"]}
     save_json(run_dir / "summary.json", summary)
     return Trained(summary, probe, device, raw)
 
