@@ -91,6 +91,9 @@ def test_a_recipe_states_only_what_differs_from_the_recipe_it_extends():
     changed = {k for k in long if long[k] != default[k]}
     assert changed == {"recipe", "description", "epochs", "optim", "train"}
     assert (long["epochs"], long["optim"]["warmup_epochs"], long["train"]["knn_every"]) == (64, 2, 8)
+    assert long["train"]["budget"] == "50m" and default["train"]["budget"] is None
+    assert {k: v for k, v in long["train"].items() if k not in ("budget", "knn_every")} == \
+        {k: v for k, v in default["train"].items() if k not in ("budget", "knn_every")}
     assert {k: v for k, v in long["optim"].items() if k != "warmup_epochs"} == \
         {k: v for k, v in default["optim"].items() if k != "warmup_epochs"}
     # the dataset preset under every Fashion-MNIST recipe, its own keys on top
