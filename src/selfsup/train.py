@@ -424,9 +424,10 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     mean, std = data.mean, data.std
 
     world, accum = dist.world_size, cfg.train.accumulate
-    check_processes(cfg, world)  # the CLI checked it before any work (selfsup.checks); Python callers here
+    # the CLI checked both before any work (selfsup.checks); Python callers are checked here
+    check_processes(cfg, world)
+    check_fsdp(cfg, world, device.type)
     micro_bs = cfg.batch_size // (world * accum)
-    check_fsdp(cfg, world, device.type)  # the CLI checked it before any work (selfsup.checks); Python callers here
     steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {len(train_data)} images, fewer than batch_size={cfg.batch_size}; "

@@ -223,16 +223,16 @@ def to_8bit(im: Image.Image, mode: str) -> Image.Image:
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise UnusableImage(f"32-bit integer image with values in {a.min()}..{a.max()}: only 0..65535 (16 bit) is "
-                            "read; save it as an 8- or 16-bit image")
+            raise UnusableImage(f"32-bit integer image with values in {a.min()}..{a.max()}: only 0..65535 (16 bit) "
+                                "is read; save it as an 8- or 16-bit image")
         im = Image.fromarray(((a + 128) // 257).astype(np.uint8))  # round(v / 257): 0..65535 -> 0..255
     elif im.mode == "F":
         a = np.asarray(im).astype(np.float64)
         if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
             lo, hi = np.nanmin(a), np.nanmax(a)
             nan = ", with NaN or infinite values" if not np.isfinite(a).all() else ""
-            raise UnusableImage(f"32-bit float image with values in [{lo:g}, {hi:g}]{nan}: only floats in [0, 1] are "
-                            "read (as round(255 x)); rescale it to [0, 1] or save it as an 8- or 16-bit image")
+            raise UnusableImage(f"32-bit float image with values in [{lo:g}, {hi:g}]{nan}: only floats in [0, 1] "
+                                "are read (as round(255 x)); rescale it to [0, 1] or save it as an 8- or 16-bit image")
         im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
     elif _has_alpha(im):  # composite onto black: color * alpha / 255, rounded
         rgba = np.asarray(im.convert("RGBA")).astype(np.uint32)
@@ -244,9 +244,9 @@ def _decompression_bomb(w: int, h: int) -> UnusableImage | None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or w * h <= limit:
         return None
-    return UnusableImage(f"{w}x{h} = {w * h:,} pixels, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS "
-                     f"= {limit:,}; downscale the image, or if you trust it raise that limit (or set it to None) "
-                     "before loading")
+    return UnusableImage(f"{w}x{h} = {w * h:,} pixels, over Pillow's decompression-bomb limit "
+                         f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}; downscale the image, or if you trust it raise that "
+                         "limit (or set it to None) before loading")
 
 
 def _probe(path: Path) -> str | Exception:
