@@ -1,11 +1,14 @@
 import gzip
+import os
 import struct
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# 2 intra-op threads on these 2-core machines; 1 per worker when pytest-xdist runs two workers (`make test` does):
+# two workers of 2 threads each would oversubscribe the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True, scope="session")
