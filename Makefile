@@ -33,9 +33,9 @@ data:
 demo: setup
 	$(BIN)/selfsup train simclr
 
-# Two pytest-xdist workers of 1 torch thread each (tests/conftest.py): on the 2-core CI machines the suite ran in
-# 8.7 minutes this way; a subset (test_methods_metric, test_methods_canonical, test_train) took 92 s against 137 s
-# serially in one session on a 2-core AMD EPYC. `pytest tests/X.py` alone still runs serially on 2 threads.
+# Two pytest-xdist workers of 1 torch thread each (tests/conftest.py). Measured on a 2-core AMD EPYC like CI's, one
+# session: the suite in 6.9-8.7 minutes this way; a subset (test_methods_metric, test_methods_canonical, test_train)
+# in 92 s against 137 s serially. `pytest tests/X.py` alone still runs serially on 2 threads.
 test: setup-dev
 	$(BIN)/python -m pytest -n 2
 
