@@ -52,3 +52,12 @@ def test_cli_writes_json_and_refuses_unknown_methods(tiny_fmnist, tmp_path, caps
     assert "samples/s" in capsys.readouterr().out
     assert main(["bench", "simcl"]) == 2
     assert "did you mean 'simclr'" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("method", ["supcon", "npid"])
+def test_measure_gives_the_views_labels_and_rows_as_the_trainer_does(tiny_fmnist, method):
+    """SupCon reads the batch's labels and NPID its rows in the training set (Views.labels / .index): the bench's
+    step and fwd+bwd must carry them, or these methods refuse to run under `selfsup bench`."""
+    r = measure(method, [*TINY, f"data.root={tiny_fmnist}", "data.download=false"], steps=1, warmup=0)
+    assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0
+

@@ -21,6 +21,7 @@ with every result: compare only ratios measured in one run, or timings of one CP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -103,14 +104,18 @@ def measure(method: str, overrides: list[str], steps: int = 10, warmup: int = 2)
     gen = torch.Generator(device=device).manual_seed(0)
     x = data.images[: cfg.batch_size]
     xd = x.to(device)
+    # what the trainer gives every step: the batch's labels (SupCon) and its rows in the training set (NPID's bank)
+    y = None if data.labels is None else data.labels[: cfg.batch_size]
+    index = torch.arange(cfg.batch_size)
     progress = Progress(0, 1000, 100)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def full_step():
-        train_step(raw, raw, opt, None, x, None, gen, 1, device, amp, False, progress)
+        train_step(raw, raw, opt, None, x, y, gen, 1, device, amp, False, progress, index=index)
         raw.on_step_end(progress.after())
 
-    views = raw.view_maker(xd, gen)
+    views = dataclasses.replace(raw.view_maker(xd, gen), labels=None if y is None else y.to(device),
+                                index=index.to(device))
 
     def fwd_bwd():
         with autocast(device, amp):
