@@ -226,8 +226,10 @@ def test_every_recipe_loads_and_states_its_source(method):
         assert tree.get("description") and tree.get("cookbook"), name
         cfg = _cfg(method, f"recipe={name}")
         assert cfg.recipe == name and cfg.params is not None
-        if name == "default" or name.startswith("fmnist"):  # the Fashion-MNIST recipes (fmnist-long: run longer)
+        if name in ("default", "10min") or name.startswith("fmnist"):  # the Fashion-MNIST recipes (fmnist-long:
+            # run longer; 10min: the default's epochs fitted by a training budget)
             assert cfg.data.name == "fashion_mnist" and cfg.model.backbone == "resnet10" and cfg.model.width == 32
+            assert (cfg.train.budget == "7.5m") == (name == "10min"), name
         else:
             assert cfg.data.name == "folder" and cfg.views.size == 224
     imagenet = {m: _cfg(m, "recipe=imagenet") for m in ("vicreg", "barlow_twins", "swav", "wmse")}
