@@ -163,7 +163,8 @@ def _ddp_worker(rank, world, port, out_dir):
     data, info = _ddp_tiny_data(rank, world, port)
     for method in ("moco_v2", "nnclr", "npid"):
         argv = _argv(method, "unused", os.path.join(out_dir, method), "batch_size=16", "train.max_steps=5",
-                     "train.online_probe=false", *(["moco_v2.shuffle_bn_groups=2"] if method == "moco_v2" else []))
+                     "train.online_probe=false", *(["moco_v2.shuffle_bn_groups=2"] if method == "moco_v2" else []),
+                     *(["npid.first_visit=write"] if method == "npid" else []))  # + which rows hold data
         cfg = build_config(method, argv[2:], params_cls=get_method(method).params_cls)
         torch.manual_seed(0)
         m = get_method(method).build(cfg, info)

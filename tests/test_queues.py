@@ -72,6 +72,39 @@ def test_memory_bank_update_follows_its_formula():
 
 
 
+def test_memory_bank_first_visit_write_stores_the_embedding_then_mixes():
+    bank = MemoryBank(6, 3, momentum=0.5, seed=0, first_visit="write")
+    start = bank.bank.clone()
+    x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
+    bank.stage(torch.tensor([1, 4]), x1)
+    bank.commit()
+    # first visit: the random start is gone, the row is the normalized embedding
+    assert torch.allclose(bank.bank[[1, 4]], F.normalize(x1, dim=1), atol=1e-6)
+    assert torch.equal(bank.bank[[0, 2, 3, 5]], start[[0, 2, 3, 5]])
+    assert bank.written.tolist() == [False, True, False, False, True, False]
+    # second visit of row 1 mixes with momentum 0.5, first visit of row 2 writes
+    bank.stage(torch.tensor([1, 2]), x2)
+    bank.commit()
+    want1 = F.normalize(0.5 * F.normalize(x1[0], dim=0) + 0.5 * F.normalize(x2[0], dim=0), dim=0)
+    assert torch.allclose(bank.bank[1], want1, atol=1e-6)
+    assert torch.allclose(bank.bank[2], F.normalize(x2[1], dim=0), atol=1e-6)
+    # "mix" (the reference's rule) keeps a share of the random start on the first visit
+    mix = MemoryBank(6, 3, momentum=0.5, seed=0)
+    mix.stage(torch.tensor([1, 4]), x1)
+    mix.commit()
+    assert not torch.allclose(mix.bank[[1, 4]], F.normalize(x1, dim=1), atol=1e-3)
+    # which rows hold data is state: a restored bank mixes where the original would
+    restored = MemoryBank(6, 3, momentum=0.5, seed=9, first_visit="write")
+    restored.load_state_dict(bank.state_dict())
+    for b in (bank, restored):
+        b.stage(torch.tensor([2, 3]), x1)
+        b.commit()
+    assert torch.equal(restored.bank, bank.bank) and torch.equal(restored.written, bank.written)
+    assert "written" not in MemoryBank(6, 3).state_dict()  # "mix" banks keep their checkpoint keys
+    with pytest.raises(ValueError, match="first_visit"):
+        MemoryBank(6, 3, first_visit="zero")
+
+
 def _steps():
     """3 optimizer steps of 8 rows each (2 micro-batches of 4 per step on one process)."""
     g = torch.Generator().manual_seed(0)

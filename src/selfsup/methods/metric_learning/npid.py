@@ -27,6 +27,8 @@ class NPIDParams:
     dim: int = 128                # Wu et al. 2018, §3.1: 128-d embeddings
     temperature: float = 0.07     # Wu et al. 2018, §3.1: tau = 0.07
     momentum: float = 0.5         # Wu et al. 2018, §3.3: memory update with lambda = 0.5
+    first_visit: str = "mix"      # "mix": a row's random start is mixed in like an older value (lemniscate.pytorch);
+                                  # "write": the first visit stores the embedding (MemoryBank's docstring)
     seed: int = 0                 # the bank's random start
 
 
@@ -64,5 +66,5 @@ def build(cfg, data: DataInfo) -> NPID:
     encoder = make_backbone(cfg, data)
     two = make_views(cfg, "simclr", data)
     one = MultiView(two.global_cfgs[:1])  # NPID draws one augmented view per image
-    bank = MemoryBank(data.num_samples, p.dim, momentum=p.momentum, seed=p.seed)
+    bank = MemoryBank(data.num_samples, p.dim, momentum=p.momentum, seed=p.seed, first_visit=p.first_visit)
     return NPID(encoder, nn.Linear(encoder.num_features, p.dim), one, bank, p)
