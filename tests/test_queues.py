@@ -75,7 +75,8 @@ def test_memory_bank_update_follows_its_formula():
 def test_memory_bank_first_visit_write_stores_the_embedding_then_mixes():
     bank = MemoryBank(6, 3, momentum=0.5, seed=0, first_visit="write")
     start = bank.bank.clone()
-    x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
     bank.stage(torch.tensor([1, 4]), x1)
     bank.commit()
     # first visit: the random start is gone, the row is the normalized embedding
