@@ -36,6 +36,12 @@ def test_choose_epochs_fits_the_budget_less_the_margin():
     assert choose_epochs(10, 5.0, 100) == 1  # not even one epoch fits: one, with a warning from the trainer
     with pytest.raises(ValueError):
         choose_epochs(600, 0.0, 100)
+    # a cheaper first epoch (DeepCluster-v2's bank fill, 0.1 s a step = 10 s): 10 s + 11 x 50 s = 560 s <= 570 s
+    assert choose_epochs(600, 0.5, 100, first_step_seconds=0.1) == 12
+    assert choose_epochs(600, 0.5, 100, first_step_seconds=0.5) == choose_epochs(600, 0.5, 100)
+    assert choose_epochs(600, 0.5, 100, first_step_seconds=6.0) == 1  # the first epoch alone overruns: one
+    with pytest.raises(ValueError):
+        choose_epochs(600, 0.5, 100, first_step_seconds=0.0)
 
 
 def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, monkeypatch, capsys):
@@ -44,14 +50,15 @@ def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, m
     here: the real choice depends on this machine's speed; warm-up 1 of 4 epochs -> 0.5 of 2)."""
     chosen = {}
 
-    def fake_choose(budget_seconds, step_seconds, steps_per_epoch):
-        chosen.update(budget=budget_seconds, step=step_seconds, spe=steps_per_epoch)
+    def fake_choose(budget_seconds, step_seconds, steps_per_epoch, first_step_seconds=None):
+        chosen.update(budget=budget_seconds, step=step_seconds, spe=steps_per_epoch, first=first_step_seconds)
         return 2
 
     monkeypatch.setattr(selfsup.train, "choose_epochs", fake_choose)
     a, b = tmp_path / "budget", tmp_path / "epochs"
     assert main(_args("simclr", tiny_fmnist, a, *FAST, "epochs=4", "train.budget=2m")) == 0
     assert chosen["budget"] == 120 and chosen["step"] > 0 and chosen["spe"] == 4  # 256 images / batch 64
+    assert chosen["first"] > 0  # SimCLR's first epoch is timed too (no different from the others)
     assert "train.budget=2m: a training step takes" in capsys.readouterr().out
     assert main(_args("simclr", tiny_fmnist, b, *FAST, "epochs=2", "optim.warmup_epochs=0.5")) == 0
     sa = torch.load(a / "checkpoints/last.pt", weights_only=True)
@@ -64,6 +71,7 @@ def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, m
     summary = json.loads((a / "summary.json").read_text())
     assert summary["budget"]["epochs"] == 2 and summary["budget"]["seconds"] == 120
     assert summary["budget"]["step_seconds"] == pytest.approx(chosen["step"], rel=1e-3)
+    assert summary["budget"]["first_epoch_step_seconds"] == pytest.approx(chosen["first"], rel=1e-3)
 
     # a resume keeps the chosen epochs and times nothing
     monkeypatch.setattr(selfsup.train, "choose_epochs", lambda *a: pytest.fail("a resume must not re-time the run"))
@@ -73,3 +81,21 @@ def test_a_budgeted_run_is_the_run_of_its_chosen_epochs(tiny_fmnist, tmp_path, m
     assert resumed["budget"]["epochs"] == 2 and resumed["budget"]["seconds"] == 120
     assert resumed["budget"]["train_seconds"] == resumed["train_seconds"] >= summary["train_seconds"]
     assert len(resumed["segments"]) == 2
+
+
+def test_deepcluster_first_epoch_is_timed_as_its_cheaper_bank_fill(tiny_fmnist, tmp_path, monkeypatch, one_thread):
+    """DeepCluster-v2's epoch 0 only fills its banks (a no-grad pass of the global crops): the budget times it
+    apart, and a later epoch's step (k-means pseudo-labels, every crop forward and backward, an optimizer update) is
+    what the other epochs cost. Timed on one thread; the fill pass is measured well under the training step."""
+    import selfsup.methods.self_distillation.deepcluster_v2  # noqa: F401  (registers deepcluster_v2)
+
+    chosen = {}
+
+    def fake_choose(budget_seconds, step_seconds, steps_per_epoch, first_step_seconds=None):
+        chosen.update(step=step_seconds, first=first_step_seconds)
+        return 1
+
+    monkeypatch.setattr(selfsup.train, "choose_epochs", fake_choose)
+    assert main(_args("deepcluster_v2", tiny_fmnist, tmp_path / "dc", *FAST, "train.budget=2m",
+                      "deepcluster_v2.prototypes=[8,8,8]", "views.n_local=2")) == 0
+    assert 0 < chosen["first"] < 0.8 * chosen["step"], chosen

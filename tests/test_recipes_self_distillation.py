@@ -7,7 +7,7 @@ from selfsup.config import build_config, load_recipe, recipe_names
 from selfsup.methods import get_method
 
 METHODS = ["byol", "simsiam", "directpred", "meanshift", "dino", "deepcluster_v2", "msn", "ibot"]
-BUDGETS = {"10min": "7.5m", "30min": "27.5m"}  # training time; + evaluation and start-up = the name on 2 cores
+BUDGETS = {"10min": "7.5m", "30min": "27.5m", "60min": "57.5m"}  # training time; + evaluation and start-up = the name on 2 cores
 
 
 def _cfg(method, *overrides):

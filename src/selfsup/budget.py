@@ -12,7 +12,8 @@ completes within the budget; the warm-up keeps its share of the run (``optim.war
 epochs). The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what
 the timed steps do not include: the kNN monitor, checkpoints, the first step's start-up. Several processes time
 their own steps and take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside
-the step; on a slow one, lower the budget). The choice is printed, written to ``config.yaml`` (``epochs``) and to
+the step; on a slow one, lower the budget). The steps are timed twice, as a first epoch's and as a later epoch's, for
+the methods whose first epoch differs (DeepCluster-v2's fills its banks without gradients). The choice is printed, written to ``config.yaml`` (``epochs``) and to
 ``summary.json`` (``budget``), and a resume keeps it (nothing is re-timed).
 """
 
@@ -46,18 +47,27 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-def choose_epochs(budget_seconds: float, step_seconds: float, steps_per_epoch: int, margin: float = MARGIN) -> int:
-    """The most whole epochs whose steps fit in ``budget_seconds * (1 - margin)``; at least 1."""
-    if step_seconds <= 0 or steps_per_epoch < 1:
-        raise ValueError(f"step_seconds must be > 0 and steps_per_epoch >= 1, got {step_seconds}, {steps_per_epoch}")
-    return max(1, math.floor(budget_seconds * (1 - margin) / (step_seconds * steps_per_epoch)))
+def choose_epochs(budget_seconds: float, step_seconds: float, steps_per_epoch: int, margin: float = MARGIN,
+                  first_step_seconds: float | None = None) -> int:
+    """The most whole epochs whose steps fit in ``budget_seconds * (1 - margin)``; at least 1.
+    ``first_step_seconds``: a first epoch's step when it differs from the others' (DeepCluster-v2's first epoch only
+    fills its memory banks), so that ``first x steps + (epochs - 1) x step x steps`` fits."""
+    first = step_seconds if first_step_seconds is None else first_step_seconds
+    if step_seconds <= 0 or first <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"step seconds must be > 0 and steps_per_epoch >= 1, got {step_seconds}, {first}, "
+                         f"{steps_per_epoch}")
+    left = budget_seconds * (1 - margin) - first * steps_per_epoch
+    return max(1, 1 + math.floor(left / (step_seconds * steps_per_epoch))) if left >= 0 else 1
 
 
 def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, amp,
-                       channels_last: bool, steps: int = 4, warmup: int = 2, view_maker=None) -> float:
+                       channels_last: bool, steps: int = 4, warmup: int = 2, view_maker=None,
+                       epoch: int = 1) -> float:
     """Median seconds of one full training step (views, forward, backward, optimizer step, ``on_step_end``) of a
     deep copy of ``raw`` on ``images`` (this process's share of a batch), leaving ``raw``, its optimizer and the
-    global random state as they were. ``view_maker``: another view maker than ``raw``'s (smaller crops)."""
+    global random state as they were. ``view_maker``: another view maker than ``raw``'s (smaller crops). ``epoch``:
+    the epoch the steps claim to be in (their ``Progress``; trial epochs have 100 steps): 1, a steady step, by
+    default; 0 for a first epoch that differs (a frozen last layer, a bank-filling pass)."""
     from selfsup.contract import Progress
     from selfsup.optim import build_optimizer
     from selfsup.train import train_step
@@ -72,7 +82,7 @@ def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | No
     times = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i in range(warmup + steps):
-            progress = Progress(i, 1000, 100)
+            progress = Progress(100 * epoch + i, 1000, 100)
             sync()
             t0 = time.perf_counter()
             train_step(trial, trial, optimizer, None, images, labels, gen, cfg.train.accumulate, device, amp,

@@ -15,9 +15,11 @@ The prototypes are never trained by default (``freeze_prototypes``): the referen
 300000`` exceeds its 800 x 313 = 250400 steps, so they only ever hold the centroids.
 
 First epoch: the reference fills its banks before training with a no-grad pass of the untrained network over the
-data (``init_memory``). Here epoch 0 is that pass: the banks fill during it, the loss is off (0 x scores, and every
-gradient is dropped in ``before_optimizer_step``, so the optimizer leaves the parameters as they are), and the
-first k-means runs at the first step of epoch 1. It costs one epoch, as the reference's pass does.
+data (``init_memory``). Here epoch 0 is that pass (``fill_banks``): the global crops go through the network without
+gradients and fill the banks, the loss is an exact zero (every gradient is dropped in ``before_optimizer_step``, so
+the optimizer leaves the parameters as they are), and the first k-means runs at the first step of epoch 1. It costs
+one forward epoch of the global crops, as the reference's pass does (``train.budget`` times it apart from the
+training steps).
 
 Samples the previous epoch did not see (a dropped last batch) keep their older bank row (the reference gives them
 the ignored label -100). Every process holds the same banks (every process's rows are gathered in rank order), runs
@@ -105,6 +107,8 @@ class DeepClusterV2(Method):
                              "bank and pseudo-labels; the trainer provides it")
         if progress.epoch >= 1 and int(self.clustered_epoch) != progress.epoch:
             self.cluster(progress.epoch)  # once per epoch, at its first step (any micro-batch order)
+        if int(self.clustered_epoch) < 0:  # epoch 0: filling the banks, no pseudo-labels yet
+            return self.fill_banks(views)
         feats = forward_views(self.encoder, views.crops)
         zs = [F.normalize(z, dim=1) for z in forward_views(self.projector, feats)]
         for bank, z in zip(self.banks, zs[: views.n_global]):
@@ -112,10 +116,19 @@ class DeepClusterV2(Method):
         index = views.index.to(self.labels.device)
         losses = [deepcluster_loss(forward_views(proto, zs), self.labels[h][index], self.p.temperature)
                   for h, proto in enumerate(self.prototypes)]
-        loss = torch.stack(losses).mean()
-        if int(self.clustered_epoch) < 0:  # epoch 0: filling the banks, no pseudo-labels yet
-            loss = loss * 0.0
-        return {"loss": loss, "features": feats[0], "clustering_on": float(int(self.clustered_epoch) >= 0)}
+        return {"loss": torch.stack(losses).mean(), "features": feats[0], "clustering_on": 1.0}
+
+    def fill_banks(self, views: Views) -> dict:
+        """Epoch 0, the reference's ``init_memory``: a no-grad pass of the global crops that fills the banks. The
+        loss is an exact zero tied to every parameter (so that backward, DDP's reducer and gradient accumulation run
+        as on any step); ``before_optimizer_step`` then drops the zero gradients and no parameter moves."""
+        with torch.no_grad():
+            feats = forward_views(self.encoder, views.crops[: views.n_global])
+            zs = [F.normalize(z, dim=1) for z in forward_views(self.projector, feats)]
+        for bank, z in zip(self.banks, zs):
+            bank.stage(views.index, z)
+        zero = torch.stack([q.view(-1)[0] for q in self.parameters() if q.requires_grad]).sum() * 0.0
+        return {"loss": zero, "features": feats[0], "clustering_on": 0.0}
 
     def before_optimizer_step(self, progress: Progress) -> None:
         if int(self.clustered_epoch) < 0:  # epoch 0: the reference's init_memory pass changes no parameter
