@@ -102,10 +102,16 @@ def cell(s: dict, key: str) -> str:
     return f"{v:.2f}{mark}" if isinstance(v, float) else f"{v}{mark}"
 
 
+def epochs_cell(s: dict) -> str:
+    """Epochs trained, to 2 decimals (a budgeted run may end inside an epoch: 1.6, not 1.6010672)."""
+    v = s.get("epochs_done", s.get("epochs"))
+    return "?" if v is None else f"{round(float(v), 2):g}"
+
+
 def row(s: dict) -> list[str]:
     minutes = s.get("wall_minutes") or round(s.get("total_seconds", 0) / 60, 1)
     return [s["method"], s.get("recipe", "?"), cell(s, "knn_top1"), cell(s, "linear_top1"), cell(s, "mlp_top1"),
-            cell(s, "rankme"), f"{minutes:g}", f"{s.get('epochs_done', s.get('epochs'))}", s.get("date", "?"),
+            cell(s, "rankme"), f"{minutes:g}", epochs_cell(s), s.get("date", "?"),
             s.get("commit", "?"), s.get("cpu", "?")]
 
 

@@ -1,19 +1,21 @@
-"""A training-time budget: ``train.budget=10m`` chooses the number of epochs from this machine's measured speed.
+"""A training-time budget: ``train.budget=10m`` chooses the run's length from this machine's measured speed.
 
 The same recipe takes 9 minutes of training on one CPU and 14 on another; a user asks for "the best model in 10
 minutes", not "12 epochs". With ``train.budget`` set, a fresh run times a few full training steps on a throwaway
 copy of the method (its own optimizer, the run's batch, device, precision and accumulation; the global random state
-is put back, so the run itself is the one ``epochs=N`` would give), then trains
+is put back, so the run itself is the one ``train.steps=N`` would give), then trains
 
-    epochs = max(1, floor(budget x (1 - MARGIN) / (step seconds x steps per epoch)))
+    N = max(steps per epoch, floor(budget x (1 - MARGIN) / step seconds))
 
-so the whole schedule (warm-up, cosine decay, EMA and temperature schedules, all defined over the run's length)
-completes within the budget; the warm-up keeps its share of the run (``optim.warmup_epochs`` x N / the recipe's
-epochs). The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what
-the timed steps do not include: the kNN monitor, checkpoints, the first step's start-up. Several processes time
-their own steps and take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside
-the step; on a slow one, lower the budget). The steps are timed twice, as a first epoch's and as a later epoch's, for
-the methods whose first epoch differs (DeepCluster-v2's fills its banks without gradients). The choice is printed, written to ``config.yaml`` (``epochs``) and to
+optimizer steps (``train.steps``; ``epochs`` becomes the epochs they start, the last one cut where N ends), so the
+whole schedule (warm-up, cosine decay, EMA and temperature schedules, all defined over the run's length) completes
+within the budget; the warm-up keeps its share of the run (``optim.warmup_epochs`` x the epochs N makes / the
+recipe's epochs). The steps are timed twice, as a first epoch's and as a later epoch's, for the methods whose first
+epoch differs (DeepCluster-v2's fills its banks without gradients): the first epoch is then budgeted at its own
+step time. The budget covers training, not the final evaluation. ``MARGIN`` leaves room for what the timed steps
+do not include: the kNN monitor, checkpoints, the first step's start-up. Several processes time their own steps and
+take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside the step; on a slow
+one, lower the budget). The choice is printed, written to ``config.yaml`` (``train.steps``, ``epochs``) and to
 ``summary.json`` (``budget``), and a resume keeps it (nothing is re-timed).
 """
 
@@ -47,17 +49,17 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-def choose_epochs(budget_seconds: float, step_seconds: float, steps_per_epoch: int, margin: float = MARGIN,
-                  first_step_seconds: float | None = None) -> int:
-    """The most whole epochs whose steps fit in ``budget_seconds * (1 - margin)``; at least 1.
+def choose_steps(budget_seconds: float, step_seconds: float, steps_per_epoch: int, margin: float = MARGIN,
+                 first_step_seconds: float | None = None) -> int:
+    """The most optimizer steps that fit in ``budget_seconds * (1 - margin)``, and at least one epoch's.
     ``first_step_seconds``: a first epoch's step when it differs from the others' (DeepCluster-v2's first epoch only
-    fills its memory banks), so that ``first x steps + (epochs - 1) x step x steps`` fits."""
+    fills its memory banks), so that ``first x steps per epoch + (steps - steps per epoch) x step`` fits."""
     first = step_seconds if first_step_seconds is None else first_step_seconds
     if step_seconds <= 0 or first <= 0 or steps_per_epoch < 1:
         raise ValueError(f"step seconds must be > 0 and steps_per_epoch >= 1, got {step_seconds}, {first}, "
                          f"{steps_per_epoch}")
     left = budget_seconds * (1 - margin) - first * steps_per_epoch
-    return max(1, 1 + math.floor(left / (step_seconds * steps_per_epoch))) if left >= 0 else 1
+    return steps_per_epoch + max(0, math.floor(left / step_seconds))
 
 
 def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, amp,

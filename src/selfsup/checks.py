@@ -59,7 +59,7 @@ CORE_RULES: dict[str, Rule] = {
     "optim.weight_decay_end": NON_NEGATIVE, "optim.no_decay_lr_scale": NON_NEGATIVE,
     "train.accumulate": AT_LEAST_1, "train.num_threads": NON_NEGATIVE, "train.checkpoint_every": NON_NEGATIVE,
     "train.log_every": AT_LEAST_1, "train.knn_every": NON_NEGATIVE, "train.knn_monitor_size": AT_LEAST_1,
-    "train.probe_lr": POSITIVE, "train.max_steps": NON_NEGATIVE, "train.nonfinite_limit": AT_LEAST_1,
+    "train.probe_lr": POSITIVE, "train.max_steps": NON_NEGATIVE, "train.steps": NON_NEGATIVE, "train.nonfinite_limit": AT_LEAST_1,
     "eval.knn_k": AT_LEAST_1, "eval.knn_temperature": POSITIVE,
     "eval.knn_ks": (lambda v: all(k >= 1 for k in v), "a list of integers >= 1"),
     "eval.linear_epochs": AT_LEAST_1, "eval.finetune_epochs": AT_LEAST_1, "eval.finetune_train_size": NON_NEGATIVE,
@@ -74,7 +74,7 @@ CORE_RULES: dict[str, Rule] = {
 
 # What a zero means for each key where 0 is allowed, so the message can say it (e.g. train.max_steps=0: all epochs).
 ZERO_MEANS = {"train.num_threads": "torch's default", "train.checkpoint_every": "only at epoch ends",
-              "train.knn_every": "off", "train.max_steps": "all epochs", "optim.clip_grad": "off",
+              "train.knn_every": "off", "train.max_steps": "all epochs", "train.steps": "epochs x steps per epoch", "optim.clip_grad": "off",
               "eval.finetune_train_size": "every train image", "eval.lidar_images": "off",
               "views.min_size": "every crop at views.size"}
 

@@ -116,8 +116,10 @@ class TrainConfig:
     online_probe: bool = True             # online linear probe on detached features (cookbook Fig. 13)
     probe_lr: float = 0.1                 # SGD, momentum 0.9 (solo-learn's online classifier)
     max_steps: int = 0                    # stop after this many optimizer steps (0: all epochs); for quick tries
-    budget: str | None = None             # training time, e.g. 10m, 90s, 1.5h: the epochs that fit this machine's measured
-                                          # step time (selfsup.budget; replaces `epochs`; a resume keeps the choice)
+    steps: int = 0                        # the run's length in optimizer steps, the schedule's too (0: epochs x steps per
+                                          # epoch); train.budget sets it, the last epoch cut where it ends
+    budget: str | None = None             # training time, e.g. 10m, 90s, 1.5h: the steps that fit this machine's measured
+                                          # step time (selfsup.budget; sets train.steps; a resume keeps the choice)
     deterministic: bool = False           # deterministic kernels (torch.use_deterministic_algorithms; on CUDA slower):
                                           # the same seed gives the same run on the same machine and software
     collapse: str = "warn"                # off | warn | stop: the collapse monitor (selfsup.monitor; cookbook §2.6.2)

@@ -32,7 +32,7 @@ REQUIRED_KEYS = ("method", "optimizer", "step", "config")
 CHECKPOINT_FORMAT = 1  # raised when a checkpoint's layout changes in a way older readers cannot load
 
 # Keys a resume may change (a trailing "." is a whole section). Everything else is what the run *is*.
-RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.log_every",
+RESUMABLE = ("epochs", "out", "resume", "eval.", "train.num_threads", "train.max_steps", "train.steps", "train.log_every",
              "train.checkpoint_every", "train.knn_every", "train.nonfinite_limit", "train.collapse",
              "train.knn_monitor_size", "train.device", "train.compile", "train.fsdp", "train.wandb", "train.wandb_project", "train.wandb_mode",
              "data.root", "data.download", "data.verify")
@@ -165,6 +165,9 @@ def refused_changes(changes: dict[str, tuple]) -> list[str]:
         elif key == "epochs" and new < old:
             reasons.append(f"epochs={new} is fewer than the run's {old} epochs (use train.max_steps=N to stop "
                            "earlier; epochs can only grow on resume)")
+        elif key == "train.steps" and old and 0 < new < old:
+            reasons.append(f"train.steps={new} is fewer than the run's {old} steps (use train.max_steps=N to stop "
+                           "earlier; the run's length can only grow on resume)")
     return reasons
 
 
@@ -219,12 +222,15 @@ def open_resume(method: str, overrides: list[str]) -> tuple[Config, dict | None]
             continue
         _set(cfg, "data.name" if k == "data" and isinstance(v, str) else k, v)
     cfg.resume, cfg.out = resume, str(run_dir)
+    if "epochs" in values and "train.steps" not in values and cfg.epochs != base.epochs:
+        cfg.train.steps = 0  # more epochs on resume: the run trains them all, not the steps a budget chose
     changes = {k: c for k, c in config_changes(base.to_dict(), cfg.to_dict()).items() if k not in ("resume", "out")}
     refused = refused_changes(changes)
     if refused:
         raise ConfigError("resume would train a different run than the one started in "
                           f"{run_dir}:\n  " + "\n  ".join(refused) + "\nA resumed run keeps its method, model, data, "
-                          "batch, optimizer, views and seed; it may change epochs (more), eval.*, train.num_threads, "
+                          "batch, optimizer, views and seed; it may change epochs (more), train.steps (more), eval.*, "
+                          "train.num_threads, "
                           "train.max_steps, logging and checkpoint intervals, train.device and data.root. To train "
                           "with other settings, start a new run with another out=DIR.")
     if state is not None:

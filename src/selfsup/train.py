@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import __version__
 from selfsup import distributed as du
-from selfsup.budget import choose_epochs, parse_budget, time_training_step
+from selfsup.budget import choose_steps, parse_budget, time_training_step
 from selfsup.checks import check_fsdp, check_processes
 from selfsup.compiled import compile_networks, networks
 from selfsup.config import Config, ConfigError
@@ -340,6 +340,12 @@ def _progressive_views(cfg: Config, raw) -> ProgressiveViews | None:
         raise ConfigError(str(e)) from None
 
 
+def run_length(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's optimizer steps, which the schedule spans: ``train.steps`` (a budget's choice), else
+    ``epochs`` x steps per epoch."""
+    return cfg.train.steps if cfg.train.steps > 0 else cfg.epochs * steps_per_epoch
+
+
 def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channels_last: bool, micro_bs: int,
                 steps_per_epoch: int, dist, say, progressive: ProgressiveViews | None = None) -> dict:
     """``train.budget``: time this machine's training step, set ``cfg.epochs`` to what fits (selfsup.budget). With
@@ -360,12 +366,13 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
         slowest = torch.tensor([step_s, step_first or 0.0], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         step_s, step_first = float(slowest[0]), (None if step_first is None else float(slowest[1]))
-    before, cfg.epochs = cfg.epochs, choose_epochs(seconds, step_s, steps_per_epoch, first_step_seconds=step_first)
+    steps = choose_steps(seconds, step_s, steps_per_epoch, first_step_seconds=step_first)
+    before, cfg.train.steps, cfg.epochs = cfg.epochs, steps, math.ceil(steps / steps_per_epoch)
     # the schedule keeps its shape: the warm-up stays the same fraction of the run (1 of 12 epochs -> 1/12 of N)
     warmup_before = cfg.optim.warmup_epochs
-    cfg.optim.warmup_epochs = round(warmup_before * cfg.epochs / before, 6)
+    cfg.optim.warmup_epochs = round(warmup_before * steps / steps_per_epoch / before, 6)
     first = step_s if step_first is None else step_first
-    planned = (first + (cfg.epochs - 1) * step_s) * steps_per_epoch
+    planned = first * steps_per_epoch + (steps - steps_per_epoch) * step_s
     timing = f"a training step takes {step_s * 1e3:.0f} ms here (median of 4 timed on a copy)"
     if step_first is not None and abs(step_first - step_s) > 0.1 * step_s:  # worth saying: the first epoch differs
         timing += f", a first epoch's {step_first * 1e3:.0f} ms"
@@ -377,11 +384,12 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
         say(f"selfsup: WARNING train.budget={cfg.train.budget}: {timing}, so one epoch ({planned / 60:.1f} min) does "
             "not fit; training 1 epoch. Lower batch_size, the model's size or the data, or raise the budget.")
     else:
-        say(f"selfsup: train.budget={cfg.train.budget}: {timing}; {cfg.epochs} epochs x {steps_per_epoch} steps = "
-            f"{planned / 60:.1f} min of training fit it (the recipe said {before} epochs; warm-up "
-            f"{warmup_before:g} -> {cfg.optim.warmup_epochs:.3g} epochs, the same share of the run)")
+        say(f"selfsup: train.budget={cfg.train.budget}: {timing}; {steps} steps ({steps / steps_per_epoch:.2f} "
+            f"epochs of {steps_per_epoch} steps) = {planned / 60:.1f} min of training fit it (the recipe said {before} "
+            f"epochs; warm-up {warmup_before:g} -> {cfg.optim.warmup_epochs:.3g} epochs, the same share of the run)")
     return {"budget": cfg.train.budget, "seconds": seconds, "step_seconds": round(step_s, 5),
-            "first_epoch_step_seconds": round(first, 5), "epochs": cfg.epochs, "recipe_epochs": before, "warmup_epochs": cfg.optim.warmup_epochs, "planned_seconds": round(planned, 1)}
+            "first_epoch_step_seconds": round(first, 5), "steps": steps, "epochs": round(steps / steps_per_epoch, 4),
+            "recipe_epochs": before, "warmup_epochs": cfg.optim.warmup_epochs, "planned_seconds": round(planned, 1)}
 
 
 def _all_finite_everywhere(raw) -> bool:
@@ -438,7 +446,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {len(train_data)} images, fewer than batch_size={cfg.batch_size}; "
                          "lower batch_size")
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = run_length(cfg, steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
 
     ckpt_path = run_dir / CHECKPOINT
@@ -509,7 +517,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
     if cfg.train.budget is not None and state is None:  # a resume keeps the epochs the budget chose
         budget = _fit_budget(cfg, raw, train_data, device, amp, channels_last, micro_bs, steps_per_epoch, dist, say,
                              progressive)
-        total_steps = cfg.epochs * steps_per_epoch
+        total_steps = run_length(cfg, steps_per_epoch)
         stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
         if dist.is_main:
             text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
