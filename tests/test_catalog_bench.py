@@ -125,3 +125,10 @@ def test_cells_parse_to_numbers_and_the_reference_follows_the_table(tmp_path):
     assert refs["fashion_mnist"] == {"dcl:default": {
         "knn_top1": 84.79, "linear_top1": 87.47, "mlp_top1": 89.81, "rankme": 88.58, "minutes": 9.5,
         "epochs": 12.0, "date": "d", "commit": "c", "machine": "X", "batch_size": 256}}
+
+
+def test_the_epochs_column_rounds_a_budget_that_ends_inside_an_epoch():
+    assert catalog.epochs_cell({"epochs_done": 1.6010672358591249, "epochs": 2}) == "1.6"
+    assert catalog.epochs_cell({"epochs_done": 12.0}) == "12"
+    assert catalog.epochs_cell({"epochs": 8}) == "8"  # a summary written before epochs_done
+    assert catalog.epochs_cell({}) == "?"
