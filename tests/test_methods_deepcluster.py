@@ -15,6 +15,7 @@ from test_train import tiny
 import selfsup.methods.self_distillation.deepcluster_v2 as dcv2  # noqa: F401  (registers deepcluster_v2)
 from selfsup.cli import main
 from selfsup.config import ConfigError, build_config
+from selfsup.contract import Progress
 from selfsup.data.types import DataInfo
 from selfsup.losses.self_distillation.deepcluster import deepcluster_loss, kmeans_assign
 from selfsup.methods.base import REGISTRY
@@ -179,3 +180,31 @@ def test_banks_labels_and_prototypes_stay_equal_on_two_ddp_processes(tmp_path):
         if k.endswith(("running_mean", "running_var")):
             continue  # per-process batch-norm statistics on CPU
         assert torch.equal(s0[k], s1[k]), k
+
+
+def test_the_bank_filling_pass_moves_nothing_and_runs_in_channels_last():
+    """Epoch 0 (fill_banks): the global crops' normalized projections go into the banks, the loss is an exact zero
+    whose gradient reaches every parameter as zeros, in channels_last too (CUDA's default memory format here)."""
+    import copy
+    import dataclasses
+
+    from selfsup.methods.base import forward_views
+
+    cfg = _cfg("deepcluster_v2.prototypes=[8,8,8]", "views.n_local=2", "views.size=16", "model.backbone=resnet10")
+    torch.manual_seed(0)
+    m = ENTRY.build(cfg, INFO).to(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    views = m.view_maker(x, torch.Generator().manual_seed(0))
+    views = dataclasses.replace(views, index=torch.arange(8).flip(0))
+    twin = copy.deepcopy(m)
+    with torch.no_grad():  # the same train-mode pass, written out: both global crops in one batch, then normalized
+        want = [F.normalize(z, dim=1) for z in
+                forward_views(twin.projector, forward_views(twin.encoder, views.crops[:views.n_global]))]
+    out = m(views, Progress(0, 100, 10))
+    out["loss"].backward()
+    assert out["loss"].item() == 0.0 and out["clustering_on"] == 0.0
+    params = [q for q in m.parameters() if q.requires_grad]
+    assert all(q.grad is not None and not q.grad.any() for q in params)
+    for bank, z in zip(m.banks, want, strict=True):
+        assert bank.commit() == 8
+        torch.testing.assert_close(bank.bank[views.index], z, rtol=1e-5, atol=1e-6)  # rows by sample, not position

@@ -127,7 +127,8 @@ class DeepClusterV2(Method):
             zs = [F.normalize(z, dim=1) for z in forward_views(self.projector, feats)]
         for bank, z in zip(self.banks, zs):
             bank.stage(views.index, z)
-        zero = torch.stack([q.view(-1)[0] for q in self.parameters() if q.requires_grad]).sum() * 0.0
+        # one element of each parameter, indexed (not viewed: a channels_last weight has no flat view)
+        zero = torch.stack([q[(0,) * q.ndim] for q in self.parameters() if q.requires_grad]).sum() * 0.0
         return {"loss": zero, "features": feats[0], "clustering_on": 0.0}
 
     def before_optimizer_step(self, progress: Progress) -> None:
