@@ -348,3 +348,32 @@ def test_timm_backbone(tmp_path):
     assert model(x).shape == (2, 512) and model.num_features == 512
     export_backbone(model, tmp_path)
     torch.testing.assert_close(load_backbone(tmp_path, raw=True)(x), model(x))
+
+
+def test_model_keys_size_a_vit_and_its_spec_rebuilds_it_and_a_resnet_refuses_them():
+    import selfsup.methods.self_distillation  # noqa: F401  (registers dino)
+    from selfsup.config import ConfigError, build_config
+    from selfsup.data.types import DataInfo
+    from selfsup.methods import get_method
+    from selfsup.methods.common import make_backbone
+    from selfsup.nn.backbones import backbone_spec, build_backbone
+
+    def cfg(overrides):
+        return build_config("dino", overrides, params_cls=get_method("dino").params_cls)
+
+    info = DataInfo("image", (1, 28, 28), (0.5,), (0.5,), 10, "fashion_mnist", 60000)
+    keys = ["model.backbone=vit_tiny", "model.patch_size=7", "views.size=28"]
+    named = make_backbone(cfg(keys), info)
+    assert (named.embed_dim, len(named.blocks), named.blocks[0].attn.num_heads) == (192, 12, 3)  # vit_tiny's
+    small = make_backbone(cfg([*keys, "model.embed_dim=64", "model.depth=2", "model.num_heads=4"]),
+                          info)
+    assert (small.embed_dim, len(small.blocks), small.blocks[0].attn.num_heads) == (64, 2, 4)
+    assert small(torch.randn(3, 1, 28, 28)).shape == (3, 64)
+    rebuilt = build_backbone(**backbone_spec(small))  # what export / eval of a run rebuild
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    with pytest.raises(ConfigError, match="model.depth set for model.backbone='resnet10'"):
+        make_backbone(cfg(["model.depth=2"]), info)
+    with pytest.raises(ValueError, match="embed_dim=64 must be divisible by num_heads=3"):
+        make_backbone(cfg([*keys, "model.embed_dim=64"]), info)  # vit_tiny's 3 heads
+    with pytest.raises(ConfigError, match="model.depth"):
+        cfg([*keys, "model.depth=-1"])

@@ -44,7 +44,8 @@ HUE: Rule = (lambda v: 0 <= v <= 0.5, "in [0, 0.5]")
 CORE_RULES: dict[str, Rule] = {
     "seed": NON_NEGATIVE, "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1,
     "data.image_size": AT_LEAST_1, "data.holdout": UNIT_OPEN, "data.imbalance_ratio": (lambda v: v >= 1, ">= 1 (1 = the balanced split)"),
-    "model.width": AT_LEAST_1, "model.patch_size": AT_LEAST_1, "model.projector_hidden": AT_LEAST_1,
+    "model.width": AT_LEAST_1, "model.patch_size": AT_LEAST_1, "model.embed_dim": NON_NEGATIVE,
+    "model.depth": NON_NEGATIVE, "model.num_heads": NON_NEGATIVE, "model.projector_hidden": AT_LEAST_1,
     "model.projector_out": AT_LEAST_1, "model.projector_layers": AT_LEAST_1,
     "views.size": AT_LEAST_1, "views.scale": SCALE_RANGE, "views.ratio": POSITIVE_RANGE, "views.hflip_p": UNIT,
     "views.jitter_p": UNIT, "views.brightness": NON_NEGATIVE, "views.contrast": NON_NEGATIVE,
@@ -76,7 +77,8 @@ CORE_RULES: dict[str, Rule] = {
 ZERO_MEANS = {"train.num_threads": "torch's default", "train.checkpoint_every": "only at epoch ends",
               "train.knn_every": "off", "train.max_steps": "all epochs", "train.steps": "epochs x steps per epoch", "optim.clip_grad": "off",
               "eval.finetune_train_size": "every train image", "eval.lidar_images": "off",
-              "views.min_size": "every crop at views.size"}
+              "views.min_size": "every crop at views.size", "model.embed_dim": "the ViT size's",
+              "model.depth": "the ViT size's", "model.num_heads": "the ViT size's"}
 
 # Method parameters, by name. Integers are >= 1 (a size, a count, a dimension) unless listed here or named *_epochs.
 INT_ZERO_ALLOWED = {"patch_out_dim": "the [CLS] head's out_dim", "predictor_heads": "the encoder's heads",

@@ -52,6 +52,9 @@ class ModelConfig:
     stem: str = "cifar"                   # cifar | imagenet | small (ResNet only)
     patch_size: int = 4                   # ViT only
     pool: str = "cls"                     # ViT only: cls | mean
+    embed_dim: int = 0                    # ViT only: token width (0 = the named size's: 192 tiny, 384 small, 768 base)
+    depth: int = 0                        # ViT only: blocks (0 = the named size's: 12)
+    num_heads: int = 0                    # ViT only: attention heads (0 = the named size's: 3 tiny, 6 small, 12 base)
     projector_hidden: int = 2048
     projector_out: int = 128
     projector_layers: int = 2

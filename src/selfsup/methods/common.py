@@ -6,11 +6,13 @@ import dataclasses
 
 from torch import nn
 
-from selfsup.config import Config
+from selfsup.config import Config, ConfigError
 from selfsup.data.types import DataInfo
 from selfsup.data.views import MultiView, build_view_maker
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.heads import projector
+
+VIT_SIZE_KEYS = ("embed_dim", "depth", "num_heads")
 
 
 def make_backbone(cfg: Config, data: DataInfo, **vit_options) -> nn.Module:
@@ -19,11 +21,15 @@ def make_backbone(cfg: Config, data: DataInfo, **vit_options) -> nn.Module:
     if data.modality != "image":
         raise ValueError(f"model.backbone={cfg.model.backbone!r} is an image backbone; the data is {data.modality}")
     m, in_chans = cfg.model, data.channels
+    size = {k: v for k in VIT_SIZE_KEYS if (v := getattr(m, k))}  # a ViT's width, depth, heads other than its name's
+    if size and not m.backbone.startswith("vit"):
+        raise ConfigError(f"model.{'/'.join(size)} set for model.backbone={m.backbone!r}: these size a ViT (vit_tiny, "
+                          f"vit_small, vit_base); remove them or choose a ViT")
     if m.backbone.startswith("resnet"):
         return build_backbone(m.backbone, in_chans=in_chans, width=m.width, stem=m.stem)
     if m.backbone.startswith("vit"):
         return build_backbone(m.backbone, in_chans=in_chans, img_size=cfg.views.size, patch_size=m.patch_size,
-                              pool=m.pool, **vit_options)
+                              pool=m.pool, **size, **vit_options)
     return build_backbone(m.backbone, in_chans=in_chans)
 
 
