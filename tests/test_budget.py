@@ -29,6 +29,22 @@ def test_parse_budget_refuses_what_is_not_a_positive_duration(text):
         parse_budget(text)
 
 
+def test_a_budget_refuses_a_warmup_that_is_not_a_share_of_the_recipe_epochs(tmp_path, capsys):
+    """The budget keeps warmup_epochs / epochs of the run: a warm-up of 2 of a 1-epoch recipe would be twice the run
+    (the lr never reaching its peak). Refused before anything is written; without a budget it stays a warning."""
+    run = tmp_path / "r"
+    assert main(["train", "msn", "train.budget=5m", "optim.warmup_epochs=2", f"out={run}"]) == 2  # msn's epochs: 1
+    err = capsys.readouterr().err
+    assert "optim.warmup_epochs=2 is not less than epochs=1" in err and "epochs=20 makes it a tenth" in err
+    assert not run.exists()
+    from selfsup.config import build_config
+    from selfsup.methods import get_method
+
+    params = get_method("msn").params_cls
+    build_config("msn", ["train.budget=5m", "optim.warmup_epochs=2", "epochs=20"], params_cls=params)  # a share
+    build_config("msn", ["optim.warmup_epochs=2"], params_cls=params)  # no budget: train() warns, as before
+
+
 def test_choose_steps_fits_the_budget_less_the_margin():
     # 600 s x 0.95 = 570 s at 0.5 s a step: 1140 steps (11.4 epochs of 100), 1200 would be 600 s
     assert choose_steps(600, 0.5, 100) == 1140

@@ -17,6 +17,7 @@ the data when it is built (e.g. a queue smaller than the batch), which happens b
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable
@@ -153,6 +154,12 @@ def check_values(cfg: Config) -> None:
     if cfg.views.n_local and cfg.views.local_size > cfg.views.size:
         raise ConfigError(f"views.local_size={cfg.views.local_size} is larger than the global crops' views.size="
                           f"{cfg.views.size}: multi-crop's local crops are the small ones (cookbook §3.1.1)")
+    if cfg.train.budget is not None and cfg.optim.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is not less than epochs={cfg.epochs}: with "
+                          f"train.budget the warm-up keeps its share of the recipe's epochs (warmup_epochs / epochs of "
+                          f"the steps the budget fits), so it would cover the whole run and the learning rate would "
+                          f"never reach its peak. Set epochs to the length the warm-up is a share of (epochs="
+                          f"{math.ceil(cfg.optim.warmup_epochs * 10)} makes it a tenth), or lower optim.warmup_epochs")
     if cfg.params is not None:
         check_method_params(cfg.method, cfg.params)
     check_device_name(cfg.train.device)
