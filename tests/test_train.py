@@ -148,7 +148,9 @@ def test_torchrun_two_processes(tiny_fmnist, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["processes"] == 2 and s["steps"] == 256 // 64 and s["batch_size"] == 64
     assert r.stdout.count("kNN top-1") == 1  # only rank 0 evaluates and prints
-    assert "top1" in json.loads((out / "eval.json").read_text())["finetune"]
+    fine_tune = json.loads((out / "eval.json").read_text())["finetune"]
+    assert s["finetune_top1"] == fine_tune["top1"]  # copied into summary.json (the catalog's fine-tune column)
+    assert f"fine-tune top-1 {fine_tune['top1']:.2f}%" in r.stdout
 
 
 def test_labelled_folder_uses_test_subfolder_only_when_present(tmp_path, capsys):

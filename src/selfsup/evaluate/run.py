@@ -159,6 +159,8 @@ def evaluate_run(
     for key in HEADLINE:
         if key in result:
             summary[key] = result[key]
+    if "finetune" in result:  # eval.finetune=true
+        summary["finetune_top1"] = result["finetune"]["top1"]
     summary.update(_baseline_fields(result))
     lf = result.get("label_free", {})
     for key, sub, field in (("rankme", "rankme", "value"), ("lidar", "lidar", "value"),
@@ -194,7 +196,7 @@ def headline(summary: dict) -> str:
     a sentence saying so (evaluate/baselines.py)."""
     parts = []
     names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "mlp_top1": "MLP top-1",
-             "online_probe_top1": "online probe", "rankme": "RankMe", "rotation_top1": "rotation proxy"}
+             "finetune_top1": "fine-tune top-1", "online_probe_top1": "online probe", "rankme": "RankMe", "rotation_top1": "rotation proxy"}
     for key, name in names.items():
         if summary.get(key) is not None:
             parts.append(f"{name} {summary[key]:.2f}{'%' if key.endswith('top1') else ''}")
