@@ -65,6 +65,7 @@ CORE_RULES: dict[str, Rule] = {
     "eval.knn_k": AT_LEAST_1, "eval.knn_temperature": POSITIVE,
     "eval.knn_ks": (lambda v: all(k >= 1 for k in v), "a list of integers >= 1"),
     "eval.linear_epochs": AT_LEAST_1, "eval.finetune_epochs": AT_LEAST_1, "eval.finetune_train_size": NON_NEGATIVE,
+    "eval.finetune_batch_size": AT_LEAST_2,
     "eval.lidar_images": NON_NEGATIVE, "eval.lidar_views": AT_LEAST_2, "eval.decoder_steps": AT_LEAST_1,
     "eval.tsne_points": NON_NEGATIVE,
     "train.budget": (lambda v: _is_duration(v), "a duration such as 10m, 90s, 1.5h or a number of seconds > 0"),

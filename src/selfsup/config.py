@@ -152,6 +152,7 @@ class EvalConfig:
     finetune: bool = False                # full fine-tuning (§3.5.4; layer-wise lr decay for ViTs): slow on CPU
     finetune_epochs: int = 10
     finetune_train_size: int = 0          # fine-tune on a class-stratified subset of this many train images (0: all)
+    finetune_batch_size: int = 256        # fine-tuning batch; smaller for a small train_size (more steps an epoch)
     guillotine: bool = True               # probe + RankMe at the backbone and every projector layer (§3.2, Fig. 10)
     label_free: bool = True               # RankMe (eq. 17), alpha-ReQ, spectra (§3.7.2, §2.6.2)
     lidar_images: int = 1000              # LiDAR on this many images x lidar_views augmented views; 0 = off

@@ -275,7 +275,7 @@ def evaluate_model(
             raise ValueError("eval.finetune=true needs the encoder as an nn.Module (its weights are trained).")
         ft = finetune(encoder, train_data.images, y_tr, test_data.images, y_te, mean, std,
                       epochs=opts.finetune_epochs, train_size=opts.finetune_train_size or None, seed=seed,
-                      device=device)
+                      batch_size=opts.finetune_batch_size, device=device)
         result["finetune"] = {**ft, "top1": _r(ft["top1"])}
         clock.lap("finetune", f"top-1 {result['finetune']['top1']}%")
 
