@@ -32,7 +32,11 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from selfsup.runtime import cpu_model  # noqa: E402
 
 FLOORS = {"knn_top1": 86.2, "linear_top1": 84.5}  # pixel floors on Fashion-MNIST (DESIGN.md §4)
-COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "RankMe", "minutes", "epochs", "date", "commit", "machine"]
+COLUMNS = ["method", "recipe", "kNN", "linear", "MLP", "fine-tune", "RankMe", "minutes", "epochs", "date", "commit",
+           "machine"]
+# the fine-tune column (a run's eval.finetune top-1, "–" without one) came after the first rows: a table written
+# before it is read with "–" there
+LEGACY_COLUMNS = [c for c in COLUMNS if c != "fine-tune"]
 # the table's numbers as the package ships them (the wheel has no docs/): selfsup.evaluate.baselines reads them to
 # show a run of a shipped recipe what its reference run measured
 REFERENCE = HERE.parent / "src" / "selfsup" / "recipes" / "reference.json"
@@ -41,8 +45,8 @@ REFERENCE = HERE.parent / "src" / "selfsup" / "recipes" / "reference.json"
 # row's kNN / linear accuracy covers, (row - floor) / (supervised - floor); "–" without a supervised row of that recipe
 DERIVED = ["kNN gap closed", "linear gap closed"]
 CEILING = "supervised"
-NUMERIC = {"kNN": "knn_top1", "linear": "linear_top1", "MLP": "mlp_top1", "RankMe": "rankme", "minutes": "minutes",
-           "epochs": "epochs"}
+NUMERIC = {"kNN": "knn_top1", "linear": "linear_top1", "MLP": "mlp_top1", "fine-tune": "finetune_top1",
+           "RankMe": "rankme", "minutes": "minutes", "epochs": "epochs"}
 
 
 def commit() -> str:
@@ -111,7 +115,7 @@ def epochs_cell(s: dict) -> str:
 def row(s: dict) -> list[str]:
     minutes = s.get("wall_minutes") or round(s.get("total_seconds", 0) / 60, 1)
     return [s["method"], s.get("recipe", "?"), cell(s, "knn_top1"), cell(s, "linear_top1"), cell(s, "mlp_top1"),
-            cell(s, "rankme"), f"{minutes:g}", epochs_cell(s), s.get("date", "?"),
+            cell(s, "finetune_top1"), cell(s, "rankme"), f"{minutes:g}", epochs_cell(s), s.get("date", "?"),
             s.get("commit", "?"), s.get("cpu", "?")]
 
 
@@ -153,12 +157,15 @@ def parse_table(text: str) -> dict[tuple[str, str], dict[str, str]]:
 
 def _rows(body: str) -> dict[tuple[str, str], dict[str, str]]:
     """The stored columns of each row of a table body (header and separator first); the derived gap columns, and
-    their absence in tables written before them, are ignored."""
+    their absence in tables written before them, are ignored; a row written before the fine-tune column reads "–"
+    there."""
     rows = {}
     for line in body.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) in (len(COLUMNS), len(COLUMNS) + len(DERIVED)):
-            rows[(cells[0], cells[1])] = dict(zip(COLUMNS, cells[:len(COLUMNS)], strict=True))
+        for columns in (COLUMNS, LEGACY_COLUMNS):
+            if len(cells) in (len(columns), len(columns) + len(DERIVED)):
+                rows[(cells[0], cells[1])] = {"fine-tune": "–", **dict(zip(columns, cells[:len(columns)], strict=True))}
+                break
     return rows
 
 

@@ -67,6 +67,9 @@ def test_rows_merge_into_the_table_and_mark_the_floors(tmp_path):
     assert "86.30 |" in lines[0] and "✗" not in lines[0].split("|")[3]   # the newer dcl row replaced the old one
     lines = [catalog.row(dict(_EVALUATED, knn_top1=86.1, linear_top1=84.4, wall_minutes=1, cpu="X"))]
     assert lines[0][2] == "86.10 ✗" and lines[0][3] == "84.40 ✗"
+    assert lines[0][catalog.COLUMNS.index("fine-tune")] == "–"  # a run evaluated without eval.finetune
+    tuned = catalog.row(dict(_EVALUATED, finetune_top1=85.3, wall_minutes=1, cpu="X"))
+    assert tuned[catalog.COLUMNS.index("fine-tune")] == "85.30"  # no floor mark: the floors are the probes'
 
 
 def test_gap_closed_against_the_supervised_row_of_the_same_recipe(tmp_path):
@@ -81,6 +84,9 @@ def test_gap_closed_against_the_supervised_row_of_the_same_recipe(tmp_path):
                          catalog.row(dict(_EVALUATED, recipe="long", knn_top1=88.0, wall_minutes=60, cpu="X"))], table)
     rows = {(r[0], r[1]): r for r in ([c.strip() for c in ln.strip().strip("|").split("|")]
                                        for ln in table.read_text().splitlines()[3:-1])}
+    # the old row (written before the fine-tune and gap columns) is rewritten with "–" for its missing fine-tune
+    assert rows[("dcl", "default")][:len(catalog.COLUMNS)] == [
+        "dcl", "default", "84.79 ✗", "87.47", "89.81", "–", "88.58", "9.5", "12", "d", "c", "X"]
     assert rows[("dcl", "default")][-2:] == [f"{100 * (84.79 - 86.2) / (91.2 - 86.2):.0f}%",   # -28%: below the floor
                                              f"{100 * (87.47 - 84.5) / (92.0 - 84.5):.0f}%"]   # 40%
     assert rows[("supervised", "default")][-2:] == ["ceiling", "ceiling"]
@@ -104,11 +110,11 @@ def test_the_shipped_reference_equals_the_results_table():
     lines = RESULTS.read_text().split("<!-- catalog-table:begin -->")[1].split("<!-- catalog-table:end -->")[0]
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines.strip().splitlines()[2:]]
     assert len(rows) == len(shipped) > 0
-    for method, recipe, knn, lin, mlp, rankme, minutes, epochs, date, sha, machine, *gaps in rows:
+    for method, recipe, knn, lin, mlp, fine, rankme, minutes, epochs, date, sha, machine, *gaps in rows:
         assert len(gaps) == len(catalog.DERIVED)
         entry = shipped[f"{method}:{recipe}"]
-        for cell, key in ((knn, "knn_top1"), (lin, "linear_top1"), (mlp, "mlp_top1"), (rankme, "rankme"),
-                          (minutes, "minutes"), (epochs, "epochs")):
+        for cell, key in ((knn, "knn_top1"), (lin, "linear_top1"), (mlp, "mlp_top1"), (fine, "finetune_top1"),
+                          (rankme, "rankme"), (minutes, "minutes"), (epochs, "epochs")):
             want = None if cell == "–" else float(cell.split()[0])
             assert entry[key] == want, (method, key)
         assert (entry["date"], entry["commit"], entry["machine"]) == (date, sha, machine)
@@ -123,7 +129,8 @@ def test_cells_parse_to_numbers_and_the_reference_follows_the_table(tmp_path):
     refs = json.loads(reference.read_text())
     assert refs["cifar10"] == {"x:default": {"knn_top1": 1.0}}
     assert refs["fashion_mnist"] == {"dcl:default": {
-        "knn_top1": 84.79, "linear_top1": 87.47, "mlp_top1": 89.81, "rankme": 88.58, "minutes": 9.5,
+        "knn_top1": 84.79, "linear_top1": 87.47, "mlp_top1": 89.81, "finetune_top1": None, "rankme": 88.58,
+        "minutes": 9.5,
         "epochs": 12.0, "date": "d", "commit": "c", "machine": "X", "batch_size": 256}}
 
 
