@@ -1,5 +1,6 @@
 """train.budget: the epochs that fit a training-time budget, chosen from this machine's measured step time, without
-changing the run itself (the same weights as `epochs=N`), recorded, and kept on resume."""
+changing the run itself (the same weights as `epochs=N`), re-timed once from the run's own steps when the trial
+misjudged them, recorded, and kept on resume."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import yaml
 from test_train import _args
 
+import selfsup.budget
 import selfsup.train
-from selfsup.budget import choose_steps, parse_budget
+from selfsup.budget import choose_steps, parse_budget, refit_steps, retime_step
 from selfsup.cli import main
 
 FAST = ["eval=false", "train.knn_every=0", "train.online_probe=false"]
@@ -125,3 +127,90 @@ def test_deepcluster_first_epoch_is_timed_as_its_cheaper_bank_fill(tiny_fmnist, 
     assert main(_args("deepcluster_v2", tiny_fmnist, tmp_path / "dc", *FAST, "train.budget=2m",
                       "deepcluster_v2.prototypes=[8,8,8]", "views.n_local=2")) == 0
     assert 0 < chosen["first"] < 0.8 * chosen["step"], chosen
+
+
+def test_the_retiming_step_and_the_refit_length():
+    """Re-time after ~60 s (at most 5% of the budget) of the trial's steps, at least 10, not in a run shorter than 4x
+    that; the new length = steps done + what fits the rest of the budget less the margin, at least an epoch."""
+    assert retime_step(600, 0.1, 0, 5000) == 300           # 5% of 10 min = 30 s of 100 ms steps
+    assert retime_step(3600, 0.1, 0, 30000) == 600         # capped at 60 s
+    assert retime_step(600, 10.0, 0, 1000) == 10           # at least 10 steps (8 of them timed)
+    assert retime_step(600, 0.1, 0, 1199) is None          # 300 > 1199 // 4: too short to gain from it
+    assert retime_step(600, 0.1, 40, 5000) == 340
+    # 300 steps in 36 s, 0.12 s each: 600 x 0.95 - 36 = 534 s left = 4450 more steps
+    assert refit_steps(600, 36.0, 300, 0.12, 100) == 300 + 4450
+    assert refit_steps(600, 700.0, 300, 0.12, 100) == 301  # over budget already: one step more than done
+    assert refit_steps(600, 36.0, 10, 50.0, 100) == 100    # at least one epoch
+    with pytest.raises(ValueError):
+        refit_steps(600, 36.0, 300, 0.0, 100)
+
+
+def test_a_trial_that_misjudges_the_run_is_corrected_from_the_run_s_own_steps(tiny_fmnist, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The trial is made to say 0.5 s a step (a start-up beside another run); the run's real steps are far faster, so
+    after its re-timing step it plans far more steps, from its own wall-clock step time, and writes them where a
+    resume reads them (train.max_steps stops the test's run early)."""
+    monkeypatch.setattr(selfsup.train, "time_training_step", lambda *a, **k: 0.5)
+    calls = []
+    real_refit = selfsup.budget.refit_steps
+
+    def spy(budget_seconds, elapsed_seconds, steps_done, step_seconds, steps_per_epoch):
+        calls.append((budget_seconds, elapsed_seconds, steps_done, step_seconds, steps_per_epoch))
+        return real_refit(budget_seconds, elapsed_seconds, steps_done, step_seconds, steps_per_epoch)
+
+    monkeypatch.setattr(selfsup.train, "refit_steps", spy)
+    out = tmp_path / "retimed"
+    assert main(_args("simclr", tiny_fmnist, out, *FAST, "epochs=4", "train.budget=2m", "train.max_steps=20")) == 0
+    trial = choose_steps(120, 0.5, 4)  # 228 steps at the trial's 0.5 s
+    at = retime_step(120, 0.5, 0, trial)  # 12: 6 s of the trial's steps
+    assert len(calls) == 1
+    budget_s, elapsed, done, step_s, spe = calls[0]
+    assert (budget_s, done, spe) == (120, at, 4) and 0 < step_s < 0.5 and step_s * (at - 2) <= elapsed < 30
+    new = real_refit(120, elapsed, at, step_s, 4)
+    assert new > trial
+    printed = capsys.readouterr().out
+    assert f"re-timed after {at} steps" in printed and f"{new} steps" in printed and f"instead of {trial}" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # a resume keeps the re-timed length
+    assert saved["train"]["steps"] == new and saved["epochs"] == -(-new // 4)
+    assert saved["optim"]["warmup_epochs"] == pytest.approx(1.0 * new / 4 / 4, rel=1e-5)  # 1 of the recipe's 4 epochs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["budget"]["steps"] == new and summary["budget"]["retimed"]["trial_steps"] == trial
+    assert summary["budget"]["retimed"]["at_step"] == at
+    assert summary["budget"]["retimed"]["step_seconds"] == pytest.approx(step_s, rel=1e-3)
+    # the schedule follows: the steps before the re-timing warm up over 1/4 of the trial's 228 steps, those after it
+    # over 1/4 of the new length (each record is the lr of the step just done, index step - 1)
+    from selfsup.optim import warmup_cosine
+
+    peak, final = summary["lr"], saved["optim"]["final_lr"] * summary["lr"]
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert sorted(lrs) == list(range(1, 21))
+    for s, lr in lrs.items():
+        total, warm = (trial, round(trial / 4)) if s - 1 < at else (new, round(saved["optim"]["warmup_epochs"] * 4))
+        assert lr == pytest.approx(warmup_cosine(s - 1, total, warm, peak, final), rel=1e-6), s
+    assert lrs[at + 1] < lrs[at]  # the slope of the warm-up drops where the run grew
+
+
+def test_two_processes_retime_at_the_same_step_and_agree_on_the_length(tiny_fmnist, tmp_path):
+    """`torchrun --nproc_per_node=2` with a 20 s budget: both processes re-time after the same step and take the
+    slowest process's numbers, so they train the same steps (a disagreement would hang the gradient all-reduce:
+    the 300 s timeout fails the test) and the summary reports the re-timed length as what was trained."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "selfsup", *_args("simclr", tiny_fmnist, out, *FAST, "epochs=4", "train.budget=20s",
+                                   "train.device=cpu")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    retimed, b = s["budget"]["retimed"], s["budget"]
+    start = 0 if abs(b["first_epoch_step_seconds"] - b["step_seconds"]) <= 0.1 * b["step_seconds"] else 4  # an epoch: 256 images / 64
+    assert s["processes"] == 2 and retimed["at_step"] == retime_step(20, s["budget"]["step_seconds"], start,
+                                                                     retimed["trial_steps"])
+    assert s["steps"] == s["budget"]["steps"]  # the run trained the length the re-timing chose (or kept)
+    assert r.stdout.count("re-timed after") == 1  # said once, by rank 0

@@ -17,6 +17,17 @@ do not include: the kNN monitor, checkpoints, the first step's start-up. Several
 take the slowest (no gradient all-reduce is timed: on a fast interconnect it is small beside the step; on a slow
 one, lower the budget). The choice is printed, written to ``config.yaml`` (``train.steps``, ``epochs``) and to
 ``summary.json`` (``budget``), and a resume keeps it (nothing is re-timed).
+
+The trial can misjudge the run: it is timed once, at start-up, when another run starting beside it on the same cores
+(or a cold cache) makes it slower or faster than the steps that follow. So the run re-times itself once from its
+own steps: after about ``RETIME_SECONDS`` of training (at most 5% of the budget; the step is fixed from the trial,
+the same on every process), the wall-clock seconds of its real steps (after the first two, whose start-up is not a
+step's cost; logging, epoch-end monitors and checkpoints included where they fell) set the steps that fit the rest
+of the budget (``refit_steps``). The run's length, its warm-up share and ``config.yaml`` follow the new choice when
+it differs by more than ``RETIME_TOLERANCE``; the schedule already passed stays as it was, and the warm-up's slope
+changes where it is re-timed. Where the trial timed a first epoch's step other than a later one's (DeepCluster-v2's
+bank fill), the steps timed are the second epoch's. Not re-timed: a run whose re-timing step falls past a quarter of
+it, and progressive resolution (its early steps are not the run's mean).
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import time
 import torch
 
 MARGIN = 0.05
+RETIME_SECONDS = 60.0  # the real training after which the run re-times itself (at most 5% of the budget)
+RETIME_TOLERANCE = 0.02  # a re-timed length within 2% of the trial's keeps the trial's
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
@@ -60,6 +73,26 @@ def choose_steps(budget_seconds: float, step_seconds: float, steps_per_epoch: in
                          f"{steps_per_epoch}")
     left = budget_seconds * (1 - margin) - first * steps_per_epoch
     return steps_per_epoch + max(0, math.floor(left / step_seconds))
+
+
+def retime_step(budget_seconds: float, step_seconds: float, start_step: int, steps: int) -> int | None:
+    """The step after which a budgeted run starting at ``start_step`` re-times itself from its own steps: about
+    ``RETIME_SECONDS`` (at most 5% of the budget) of steps at the trial's ``step_seconds``, and at least 10 (8 timed);
+    None when that step is past a quarter of the run's ``steps`` (too short to gain from it)."""
+    after = max(10, math.ceil(min(RETIME_SECONDS, 0.05 * budget_seconds) / step_seconds))
+    return start_step + after if start_step + after <= steps // 4 else None
+
+
+def refit_steps(budget_seconds: float, elapsed_seconds: float, steps_done: int, step_seconds: float,
+                steps_per_epoch: int, margin: float = MARGIN) -> int:
+    """The run's new length after ``steps_done`` steps in ``elapsed_seconds``, stepping at ``step_seconds``: the steps
+    done plus those that fit the rest of ``budget_seconds * (1 - margin)``, and at least one epoch (as
+    ``choose_steps``) and one step more than done."""
+    if step_seconds <= 0 or steps_per_epoch < 1 or steps_done < 0:
+        raise ValueError(f"step seconds must be > 0, steps_per_epoch >= 1 and steps_done >= 0, got {step_seconds}, "
+                         f"{steps_per_epoch}, {steps_done}")
+    left = budget_seconds * (1 - margin) - elapsed_seconds
+    return max(steps_per_epoch, steps_done + 1, steps_done + math.floor(max(left, 0.0) / step_seconds))
 
 
 def time_training_step(raw, cfg, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, amp,

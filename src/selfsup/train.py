@@ -28,7 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfsup import __version__
 from selfsup import distributed as du
-from selfsup.budget import choose_steps, parse_budget, time_training_step
+from selfsup.budget import (
+    RETIME_TOLERANCE,
+    choose_steps,
+    parse_budget,
+    refit_steps,
+    retime_step,
+    time_training_step,
+)
 from selfsup.checks import check_fsdp, check_processes
 from selfsup.compiled import compile_networks, networks
 from selfsup.config import Config, ConfigError
@@ -389,7 +396,51 @@ def _fit_budget(cfg: Config, raw, train_data: ImageDataset, device, amp, channel
             f"epochs; warm-up {warmup_before:g} -> {cfg.optim.warmup_epochs:.3g} epochs, the same share of the run)")
     return {"budget": cfg.train.budget, "seconds": seconds, "step_seconds": round(step_s, 5),
             "first_epoch_step_seconds": round(first, 5), "steps": steps, "epochs": round(steps / steps_per_epoch, 4),
-            "recipe_epochs": before, "warmup_epochs": cfg.optim.warmup_epochs, "planned_seconds": round(planned, 1)}
+            "recipe_epochs": before, "recipe_warmup_epochs": warmup_before, "warmup_epochs": cfg.optim.warmup_epochs,
+            "planned_seconds": round(planned, 1)}
+
+
+def _retime_at(budget: dict | None, progressive, total_steps: int, steps_per_epoch: int) -> tuple[int, int] | None:
+    """``(first timed step, step)``: the steps of a fresh budgeted run timed to re-time it (selfsup.budget), the
+    first two of their epoch left out; None when it is not re-timed."""
+    if budget is None or progressive is not None:
+        return None
+    start = 0  # where the trial timed a first epoch's step unlike a later one's, time the second epoch's
+    if abs(budget["first_epoch_step_seconds"] - budget["step_seconds"]) > 0.1 * budget["step_seconds"]:
+        start = steps_per_epoch
+    at = retime_step(budget["seconds"], budget["step_seconds"], start, total_steps)
+    return None if at is None else (start + 2, at)
+
+
+def _refit_budget(cfg: Config, budget: dict, step: int, step_s: float, elapsed: float, steps_per_epoch: int,
+                  total_steps: int, dist, device, say) -> int | None:
+    """Re-time a budgeted run from its own steps (selfsup.budget): the new length, with ``cfg`` and ``budget`` set to
+    it, or None when it stays within RETIME_TOLERANCE of ``total_steps``. The slowest process decides."""
+    if dist.enabled:
+        slowest = torch.tensor([step_s, elapsed], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        step_s, elapsed = float(slowest[0]), float(slowest[1])
+    new = refit_steps(budget["seconds"], elapsed, step, step_s, steps_per_epoch)
+    budget["retimed"] = {"at_step": step, "step_seconds": round(step_s, 5), "elapsed_seconds": round(elapsed, 1),
+                         "trial_steps": total_steps}
+    timing = (f"selfsup: train.budget={cfg.train.budget}: re-timed after {step} steps: {step_s * 1e3:.0f} ms a step "
+              f"in this run (the trial: {budget['step_seconds'] * 1e3:.0f} ms)")
+    if abs(new - total_steps) <= RETIME_TOLERANCE * total_steps:
+        say(f"{timing}; the {total_steps} steps stay")
+        return None
+    cfg.train.steps, cfg.epochs = new, math.ceil(new / steps_per_epoch)
+    cfg.optim.warmup_epochs = round(budget["recipe_warmup_epochs"] * new / steps_per_epoch / budget["recipe_epochs"], 6)
+    budget.update(steps=new, epochs=round(new / steps_per_epoch, 4), warmup_epochs=cfg.optim.warmup_epochs,
+                  planned_seconds=round(elapsed + (new - step) * step_s, 1))
+    say(f"{timing}; {new} steps ({new / steps_per_epoch:.2f} epochs) fit the budget instead of {total_steps} (warm-up "
+        f"{cfg.optim.warmup_epochs:.3g} epochs, the same share of the run)")
+    return new
+
+
+def _write_config(run_dir: Path, cfg: Config, raw) -> None:
+    """``config.yaml``: the run's whole config and its resolved views, written atomically (a resume may need it)."""
+    text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
+    atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))
 
 
 def _all_finite_everywhere(raw) -> bool:
@@ -469,8 +520,7 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         if stale:
             say(f"selfsup: removed {len(stale)} partial checkpoint file(s) left by an interrupted write: "
                 f"{', '.join(p.name for p in stale)}")
-        text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
-        atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))  # a resume may need it whole
+        _write_config(run_dir, cfg, raw)
         if train_data.skipped:
             _report_skipped(train_data, run_dir, say)
         if not (run_dir / "init").exists():  # the untrained network, for the knn_top1_init baseline
@@ -520,8 +570,8 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
         total_steps = run_length(cfg, steps_per_epoch)
         stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
         if dist.is_main:
-            text = yaml.safe_dump({**cfg.to_dict(), "resolved_views": raw.view_maker.describe()}, sort_keys=False)
-            atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(text.encode()))
+            _write_config(run_dir, cfg, raw)
+    retime, retime_mark = _retime_at(budget, progressive, total_steps, steps_per_epoch), 0.0
 
     start_step, segments = 0, []
     if state is not None:
@@ -626,6 +676,21 @@ def train(cfg: Config, method: Method, train_data: ImageDataset, test_data: Imag
                 images_seen += cfg.batch_size
                 segment.update(end_step=step, seconds=round(time.time() - t_loop, 3),
                                step_seconds=round(step_time, 3), images=images_seen)
+                if retime is not None and step == retime[0]:  # the two steps before carry a start-up
+                    retime_mark = time.perf_counter()
+                elif retime is not None and step == retime[1]:  # the same step on every process
+                    new = _refit_budget(cfg, budget, step, (time.perf_counter() - retime_mark) / (step - retime[0]),
+                                        time.time() - t_loop, steps_per_epoch, total_steps, dist, device, say)
+                    retime = None
+                    if new is not None:
+                        total_steps = new
+                        stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+                        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+                        if dist.is_main:  # a resume reads the new length from here
+                            _write_config(run_dir, cfg, raw)
+                        if bar is not None:
+                            bar.total = stop_step
+                            bar.refresh()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", lr=f"{cur_lr:.3g}",
