@@ -42,7 +42,7 @@ from selfsup.evaluate.aug_probe import (
 )
 from selfsup.evaluate.probe import stratified_split
 from selfsup.nn.vit import VisionTransformer
-from selfsup.optim import no_decay_names, warmup_cosine
+from selfsup.optim import can_fuse, no_decay_names, warmup_cosine
 
 # MAE fine-tuning (He et al., 2022, Table 9): base lr 5e-4 per 256 images (lr = blr * batch / 256), weight decay
 # 0.05, layer decay 0.65 (ViT-B) / 0.75 (ViT-L, ViT-H); the cookbook gives 0.65-0.85 (§3.5.4). 0.75 is the middle of
@@ -263,7 +263,8 @@ def finetune(
             if layer_decay is not None
             else plain_param_groups(model, lr, weight_decay)
         )
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),  # fused: selfsup.optim.can_fuse
+                                      fused=can_fuse([q for g in groups for q in g["params"]]))
         steps_per_epoch = math.ceil(len(fit) / batch_size)
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
         warmup = round(warmup_fraction * total)
