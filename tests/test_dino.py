@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from test_distributed import _free_port
 from test_train import _args
 
+import selfsup.distributed
 from selfsup.cli import main
 from selfsup.config import Config, _set, build_config
 from selfsup.contract import Progress
@@ -94,7 +95,7 @@ def _center_worker(rank, world, port, out_dir):
     m.on_step_end(Progress(1, 10, 5))
     torch.save(m.center, os.path.join(out_dir, f"center{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_center_is_the_same_on_two_processes_with_half_batches_as_on_one(tmp_path):
@@ -182,7 +183,7 @@ def _sk_worker(rank, world, port, out_dir):
     n = 16 // world
     torch.save(sinkhorn_knopp_teacher(logits[rank * n:(rank + 1) * n], 0.5), os.path.join(out_dir, f"q{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_sinkhorn_knopp_on_two_processes_equals_one(tmp_path):
@@ -228,7 +229,7 @@ def _ddp_worker(rank, world, port, out_dir):
     train(cfg, m, data, data=info)
     torch.save(m.state_dict(), os.path.join(out_dir, f"state{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_every_buffer_and_the_teacher_stay_equal_on_two_ddp_processes(tmp_path):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import selfsup.distributed
 from selfsup.losses.metric_learning import nt_xent
 
 TOL = 1e-5  # float64 throughout; differences come only from summation order
@@ -64,7 +65,7 @@ def _worker(rank, world, port, out_dir):
     dist.barrier()
     del loss, ddp
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_two_processes_equal_one(tmp_path):

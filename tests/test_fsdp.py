@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from test_distributed import _free_port
 from test_sync_bn_methods import B, _overrides, _progress, _views, float64
 
+import selfsup.distributed
 from selfsup.cli import main
 from selfsup.compiled import networks
 from selfsup.fsdp import _blocks, shard
@@ -100,7 +101,7 @@ def _worker(rank, world, port, out_dir, methods):
         result.update(sharded=sharded, blocks=blocks, dtensor=type(local).__name__)
         torch.save(result, os.path.join(out_dir, f"{method}-{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 @pytest.fixture(scope="module")

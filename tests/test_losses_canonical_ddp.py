@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from test_distributed import _free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import selfsup.distributed
 from selfsup.losses.canonical_correlation import (
     barlow_twins_loss,
     sinkhorn_knopp,
@@ -98,7 +99,7 @@ def _worker(rank, world, port, out_dir):
     dist.barrier()  # leave together; DDP (its reducer holds the group) goes before the group, see test_distributed
     del ddp
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def _close(a, b):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from test_distributed import _free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import selfsup.distributed
 from selfsup.losses.metric_learning import (
     UNIFIED_FAMILY,
     dcl_loss,
@@ -115,7 +116,7 @@ def _worker(rank, world, port, out_dir):
     dist.barrier()  # leave together, DDP before the group (see tests/test_distributed.py)
     del ddp
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def _matches(r, ref):

@@ -15,6 +15,7 @@ from test_distributed import _ddp_tiny_data, _free_port
 from test_train import tiny
 from torch import nn
 
+import selfsup.distributed
 import selfsup.methods  # noqa: F401
 import selfsup.methods.canonical_correlation  # noqa: F401  (registers vicreg, barlow_twins, wmse, swav)
 from selfsup.cli import main
@@ -304,7 +305,7 @@ def _ddp_worker(rank, world, port, out_dir):
         torch.save(m.state_dict(), os.path.join(out_dir, f"{method}{rank}.pt"))
     _queue_check(rank, out_dir)
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_states_stay_equal_on_two_ddp_processes_and_swav_queue_shares_equal_one_process(tmp_path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from test_distributed import _ddp_tiny_data, _free_port
 from test_train import tiny
 
+import selfsup.distributed
 import selfsup.methods.self_distillation.deepcluster_v2 as dcv2  # noqa: F401  (registers deepcluster_v2)
 from selfsup.cli import main
 from selfsup.config import ConfigError, build_config
@@ -168,7 +169,7 @@ def _ddp_worker(rank, world, port, out_dir):
     train(cfg, m, data, data=info)
     torch.save(m.state_dict(), os.path.join(out_dir, f"dc{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_banks_labels_and_prototypes_stay_equal_on_two_ddp_processes(tmp_path):

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from test_distributed import _free_port
 from test_train import tiny
 
+import selfsup.distributed
 from selfsup import distributed as du
 from selfsup.cli import main
 from selfsup.config import Config, _set, build_config
@@ -212,7 +213,7 @@ def _center_worker(rank, world, port, out_dir, reduce):
     torch.save({"center": m.center, "patch_center": m.patch_center, "loss": loss},
                os.path.join(out_dir, f"r{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 @pytest.mark.parametrize("reduce", [True, False])

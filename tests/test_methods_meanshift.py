@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from test_distributed import _free_port
 from test_train import tiny
 
+import selfsup.distributed
 import selfsup.methods.self_distillation.meanshift  # noqa: F401  (registers "meanshift")
 from selfsup.cli import main
 from selfsup.config import build_config
@@ -105,7 +106,7 @@ def _loss_worker(rank, world, port, out_dir):
     q.commit()  # gathers both halves in rank order
     torch.save({"loss": loss.detach(), "grad": pr.grad, "bank": q.features}, os.path.join(out_dir, f"r{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_two_processes_with_half_the_batch_each_equal_one_process(tmp_path):

@@ -13,6 +13,7 @@ from test_distributed import _ddp_tiny_data, _free_port
 from test_train import tiny
 from torch import nn
 
+import selfsup.distributed
 from selfsup.cli import main
 from selfsup.config import build_config
 from selfsup.data.types import DataInfo
@@ -142,7 +143,7 @@ def _sbn_worker(rank, world, port, out_dir):
     out = shuffled_bn_forward(_bn_net(), x[rank * 6:(rank + 1) * 6], groups=2, seed=7)
     torch.save(out, os.path.join(out_dir, f"keys{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_shuffled_bn_on_two_processes_equals_one(tmp_path):
@@ -171,7 +172,7 @@ def _ddp_worker(rank, world, port, out_dir):
         train(cfg, m, data, data=info)
         torch.save(m.state_dict(), os.path.join(out_dir, f"{method}{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_queues_banks_and_momentum_encoders_stay_equal_on_two_ddp_processes(tmp_path):

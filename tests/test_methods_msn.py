@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from test_distributed import _free_port
 from test_train import tiny
 
+import selfsup.distributed
 import selfsup.methods.self_distillation.msn  # noqa: F401  (registers "msn")
 from selfsup.cli import main
 from selfsup.config import build_config
@@ -163,7 +164,7 @@ def _worker(rank, world, port, out_dir):
     dist.barrier()
     del loss, anchors, ddp  # their autograd graph holds DDP's reducer: it goes before the group (test_distributed)
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_two_processes_with_half_the_batch_each_equal_one_process(tmp_path):

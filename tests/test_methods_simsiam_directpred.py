@@ -14,6 +14,7 @@ from test_distributed import _free_port
 from test_train import tiny
 from torch import nn
 
+import selfsup.distributed
 import selfsup.methods.self_distillation.directpred  # noqa: F401  (registers "directpred")
 import selfsup.methods.self_distillation.simsiam  # noqa: F401  (registers "simsiam")
 from selfsup.cli import main
@@ -194,7 +195,7 @@ def _dp_worker(rank, world, port, out_dir):
         m.on_step_end(Progress(step, 10, 5))
     torch.save({"corr": m.corr, "w": m.predictor_weight}, os.path.join(out_dir, f"dp{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_directpred_on_two_processes_equals_one(tmp_path):

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from test_distributed import _free_port
 
+import selfsup.distributed
 from selfsup.nn.queues import FeatureQueue, MemoryBank
 
 
@@ -129,7 +130,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.save(_run(world, rank), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_two_processes_fill_queue_and_bank_as_one_process_does(tmp_path):

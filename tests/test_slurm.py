@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import selfsup.distributed
 from selfsup.distributed import first_host, init_distributed, slurm_rendezvous
 
 
@@ -52,7 +53,7 @@ def _srun_worker(procid, ntasks, job_id, out):
     torch.save({"rank": info.rank, "world": info.world_size, "local": info.local_rank, "sum": float(x),
                 "addr": os.environ["MASTER_ADDR"]}, os.path.join(out, f"{procid}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 def test_two_srun_processes_join_one_group(tmp_path):

@@ -14,6 +14,7 @@ from test_distributed import _free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import selfsup.distributed
 from selfsup.nn.sync_bn import GlobalBatchNorm, convert_global_batchnorm
 
 TOL = 1e-10  # float64 throughout; the two paths differ only in summation order
@@ -71,7 +72,7 @@ def _worker(rank, world, port, out_dir):
         del model
     dist.barrier()
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 from tiny_methods import TINY  # noqa: E402
 
+import selfsup.distributed
 from selfsup.config import build_config  # noqa: E402
 from selfsup.contract import Progress  # noqa: E402
 from selfsup.data.types import DataInfo  # noqa: E402
@@ -144,7 +145,7 @@ def _worker(rank, world, port, out_dir, methods):
             del model
     dist.barrier()
     gc.collect()  # DDP sits in reference cycles: free its reducer before the group (test_distributed)
-    dist.destroy_process_group()
+    selfsup.distributed.shutdown()  # gc first: DDP's reducer must go before the group
 
 
 METHODS = _methods()  # every method with batch norm: one spawn, ~30 s on 2 idle cores
