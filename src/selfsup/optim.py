@@ -82,8 +82,8 @@ def can_fuse(params: list[torch.Tensor]) -> bool | None:
     CUDA device (not FSDP's DTensors); None (PyTorch's default choice) otherwise.
 
     On a CPU PyTorch's default is the per-tensor loop, one Python call per tensor and operation: for MSN's `60min` ViT
-    (89 tensors, 1.6M values) an AdamW step took 8.4-10.2 ms there against 2.0-2.2 ms fused (1 thread, Intel Xeon,
-    2026-12-08, ``benchmarks/bench_optimizer.py``), a tenth of that method's 60-110 ms training step. The update
+    (89 tensors, 1.6M values) an AdamW step took 9.89 ms there against 2.27 ms fused (``python
+    benchmarks/bench_optimizer.py``, 1 thread, Intel Xeon, 2026-12-08), a tenth of that method's 67-102 ms step. The update
     is the same formula; its floats may differ from the loop's in the last bits (tests/test_optim.py bounds it).
     """
     ok = bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point()
